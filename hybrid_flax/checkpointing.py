@@ -1,0 +1,44 @@
+"""Orbax checkpoints of the train state plus a JSON record of where the input stream stands."""
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  # Async: the device->host copy happens inside save(), the disk write overlaps training. A
+  # checkpoint only becomes visible once fully written, so a kill mid-write leaves the
+  # previous ones intact.
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True),
+  )
+
+
+def save(manager: ocp.CheckpointManager, state, meta: dict) -> bool:
+  step = int(jax.device_get(state.step))
+  if step in manager.all_steps():
+    return False
+  return manager.save(
+      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave(meta)))
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state):
+  """Returns (state, meta) from the newest readable checkpoint, or (None, None) if there is none.
+
+  A checkpoint that fails to restore (corrupted on disk) is skipped with a warning in favour of
+  the one before it.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises many types here
+      logging.warning('Checkpoint at step %d is unreadable (%s: %s); trying the previous one.',
+                      step, type(e).__name__, e)
+      continue
+    return restored.state, restored.meta
+  return None, None

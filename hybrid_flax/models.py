@@ -1,0 +1,148 @@
+"""The paper's hybrid CNN + multi-head self-attention classifier, as Flax linen modules.
+
+Layout (NHWC throughout): two identical stages of (conv, conv, attention, residual), then a
+classifier head. The paper fixes the blocks but not the widths; the defaults follow the ResNet-9
+trunk (64-128-256-512) whose `conv_block(..., pool=False)` the paper's conv module describes.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# PyTorch's BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here), so the paper's learning
+# rate sees the same normalisation statistics.
+_BN_MOMENTUM = 0.9
+_BN_EPSILON = 1e-5
+
+
+class ConvBlock(nn.Module):
+  """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool."""
+
+  features: int
+  pool: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(x)
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=_BN_MOMENTUM,
+        epsilon=_BN_EPSILON,
+        dtype=self.dtype,
+    )(x)
+    x = nn.relu(x)
+    if self.pool:
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return x
+
+
+class AttentionBlock(nn.Module):
+  """Self-attention over the H*W positions of a feature map (paper eqs. 8-13).
+
+  (B,H,W,C) -> (B,HW,C) -> Dense -> MHSA(x) + x -> Dense -> (B,H,W,C). With `embed=False`
+  the two Dense layers are dropped: the paper's 60% ablation.
+  """
+
+  num_heads: int
+  embed: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f'{c} channels do not split into {self.num_heads} attention heads')
+    x = x.reshape(b, h * w, c)
+    if self.embed:
+      x = nn.Dense(c, dtype=self.dtype, name='embed_in')(x)
+    attn = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype, name='mhsa'
+    )
+    x = attn(x) + x
+    if self.embed:
+      x = nn.Dense(c, dtype=self.dtype, name='embed_out')(x)
+    return x.reshape(b, h, w, c)
+
+
+class ResidualBlock(nn.Module):
+  """x + ConvBlock(ConvBlock(x)); no pooling, so shape and channels are unchanged."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c = x.shape[-1]
+    y = ConvBlock(c, dtype=self.dtype)(x, train)
+    y = ConvBlock(c, dtype=self.dtype)(y, train)
+    return x + y
+
+
+class HybridNet(nn.Module):
+  """Two stages of (conv, conv, attention, residual), then max-pool + dropout + Dense.
+
+  `widths` and `pool` list the four conv blocks in order (two per stage); `num_heads` applies
+  to both attention blocks.
+  """
+
+  widths: Sequence[int] = (64, 128, 256, 512)
+  pool: Sequence[bool] = (False, True, True, True)
+  attention: bool = True
+  embed: bool = True
+  num_heads: int = 8
+  num_classes: int = 10
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(self.dtype)
+    for stage in range(2):
+      for i in (2 * stage, 2 * stage + 1):
+        x = ConvBlock(self.widths[i], pool=self.pool[i], dtype=self.dtype, name=f'conv{i + 1}')(
+            x, train
+        )
+      if self.attention:
+        x = AttentionBlock(self.num_heads, embed=self.embed, dtype=self.dtype,
+                           name=f'attention{stage + 1}')(x)
+      x = ResidualBlock(dtype=self.dtype, name=f'residual{stage + 1}')(x, train)
+    # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
+    x = jnp.max(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return x.astype(jnp.float32)
+
+
+def validate_model_config(model_config) -> None:
+  """Raises ValueError with a one-line reason for an inconsistent model config."""
+  widths, pool = tuple(model_config.widths), tuple(model_config.pool)
+  if len(widths) != 4 or len(pool) != 4:
+    raise ValueError(f'model.widths and model.pool need 4 entries (two conv blocks per stage), '
+                     f'got widths={widths} pool={pool}')
+  if any(w <= 0 for w in widths):
+    raise ValueError(f'model.widths must be positive, got {widths}')
+  if model_config.num_heads <= 0:
+    raise ValueError(f'model.num_heads must be positive, got {model_config.num_heads}')
+  if model_config.attention:
+    for w in (widths[1], widths[3]):
+      if w % model_config.num_heads:
+        raise ValueError(f'attention width {w} (model.widths={widths}) is not divisible by '
+                         f'model.num_heads={model_config.num_heads}')
+  if not 0.0 <= model_config.dropout < 1.0:
+    raise ValueError(f'model.dropout must be in [0, 1), got {model_config.dropout}')
+
+
+def create_model(model_config, dtype=jnp.float32) -> HybridNet:
+  validate_model_config(model_config)
+  return HybridNet(
+      widths=tuple(model_config.widths),
+      pool=tuple(model_config.pool),
+      attention=model_config.attention,
+      embed=model_config.embed,
+      num_heads=model_config.num_heads,
+      num_classes=model_config.num_classes,
+      dropout=model_config.dropout,
+      dtype=dtype,
+  )

@@ -1,0 +1,338 @@
+"""Training and evaluation: the train state, the pure step functions, and the loop around them."""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hybrid_flax import checkpointing
+from hybrid_flax import input_pipeline
+from hybrid_flax import metric_writer
+from hybrid_flax import models
+
+SCHEDULES = ('constant', 'cosine')
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # base key; each step's dropout key is fold_in(rng, step)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training diverged; the checkpoints on disk predate it."""
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ValueError with a one-line reason for a config that cannot train."""
+  checks = [
+      (config.num_epochs > 0, f'num_epochs must be positive, got {config.num_epochs}'),
+      (config.learning_rate > 0, f'learning_rate must be positive, got {config.learning_rate}'),
+      (config.weight_decay >= 0, f'weight_decay must be >= 0, got {config.weight_decay}'),
+      (0 <= config.momentum < 1, f'momentum must be in [0, 1), got {config.momentum}'),
+      (config.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}, got '
+                                     f'{config.schedule!r}'),
+      (0 <= config.warmup_epochs < config.num_epochs,
+       f'warmup_epochs must be in [0, num_epochs), got {config.warmup_epochs}'),
+      (config.checkpoint_every_steps > 0 and config.log_every_steps > 0,
+       'checkpoint_every_steps and log_every_steps must be positive'),
+      (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
+  ]
+  for name in ('batch_size', 'eval_batch_size'):
+    size = config[name]
+    checks.append((size > 0 and size % num_devices == 0,
+                   f'{name}={size} must be a positive multiple of the {num_devices} devices'))
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
+  models.validate_model_config(config.model)
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  if config.schedule == 'constant':
+    main = optax.constant_schedule(config.learning_rate)
+  else:
+    main = optax.cosine_decay_schedule(config.learning_rate, decay_steps=total - warmup)
+  if not warmup:
+    return main
+  ramp = optax.linear_schedule(0.0, config.learning_rate, warmup)
+  return optax.join_schedules([ramp, main], boundaries=[warmup])
+
+
+def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  # PyTorch's SGD(weight_decay=...) adds wd * param to the gradient before momentum, on every
+  # parameter: the paper's setup, so the same here.
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
+  )
+
+
+def create_train_state(rng, model, tx, image_shape) -> TrainState:
+  params_rng, dropout_rng = jax.random.split(rng)
+  variables = model.init(params_rng, jnp.zeros((1,) + tuple(image_shape), jnp.uint8), train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                           batch_stats=variables['batch_stats'], rng=dropout_rng)
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+  mean = jnp.asarray(input_pipeline.CIFAR10_MEAN) * 255.0
+  std = jnp.asarray(input_pipeline.CIFAR10_STD) * 255.0
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def train_step(state: TrainState, batch, learning_rate_fn):
+  """One SGD step on a global batch; returns the new state and the batch's metrics."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, preprocess(batch['image']),
+        train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'learning_rate': learning_rate_fn(state.step),
+  }
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+
+
+def eval_step(state: TrainState, batch):
+  """Sums of loss, correct predictions and examples over the real (mask 1) examples."""
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          preprocess(batch['image']), train=False)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+  mask = batch['mask']
+  return {
+      'loss_sum': jnp.sum(loss * mask),
+      'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def evaluate(eval_fn, state, images, labels, batch_size, sharding) -> dict[str, float]:
+  totals = None
+  for batch in input_pipeline.to_device(
+      input_pipeline.eval_batches(images, labels, batch_size), sharding):
+    out = eval_fn(state, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  return {'test_loss': float(totals['loss_sum'] / totals['count']),
+          'test_accuracy': float(totals['correct'] / totals['count']),
+          'test_examples': int(totals['count'])}
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint can be saved."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # second signal: stop now
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning('Received signal %d: saving a checkpoint and stopping.', signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class _MetricsBuffer:
+  """Device-side per-step metrics, fetched to the host only at log points."""
+
+  def __init__(self):
+    self.pending, self.epoch_sums, self.epoch_steps = [], {}, 0
+
+  def flush(self, step: int) -> dict[str, float]:
+    """Averages the pending steps; raises NonFiniteLossError naming the first bad step."""
+    if not self.pending:
+      return {}
+    host = jax.device_get(self.pending)
+    first = step - len(host) + 1
+    for i, m in enumerate(host):
+      if not np.isfinite(m['loss']):
+        raise NonFiniteLossError(
+            f'loss is {m["loss"]} at step {first + i}: training diverged (try a lower '
+            'learning_rate). The last checkpoint on disk was saved before this step.')
+    self.pending = []
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    for k in ('loss', 'accuracy'):
+      self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + means[k] * len(host)
+    self.epoch_steps += len(host)
+    return means
+
+  def pop_epoch(self) -> dict[str, float]:
+    out = {f'train_{k}': v / self.epoch_steps for k, v in self.epoch_sums.items()}
+    self.epoch_sums, self.epoch_steps = {}, 0
+    return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  validate_config(config, mesh.size)
+  data_sharding = NamedSharding(mesh, P('data'))
+  replicated = NamedSharding(mesh, P())
+  is_main = jax.process_index() == 0
+
+  train_images, train_labels = input_pipeline.load_split(
+      config.dataset, config.train_split, config.data_dir)
+  test_images, test_labels = input_pipeline.load_split(
+      config.dataset, config.eval_split, config.data_dir)
+  steps_per_epoch = len(train_images) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size={config.batch_size} exceeds the {len(train_images)} training '
+                     'examples')
+  total_steps = config.num_epochs * steps_per_epoch
+
+  model = models.create_model(config.model)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  tx = create_optimizer(config, learning_rate_fn)
+  init = functools.partial(create_train_state, model=model, tx=tx,
+                           image_shape=train_images.shape[1:])
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      jax.eval_shape(init, rng))
+
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'),
+                                       config.keep_checkpoints)
+  run_meta = {'dataset': config.dataset, 'batch_size': config.batch_size, 'seed': config.seed,
+              'num_train_examples': len(train_images), 'steps_per_epoch': steps_per_epoch}
+  state, meta = checkpointing.restore_latest(manager, abstract_state)
+  if state is None:
+    state = jax.jit(init, out_shardings=replicated)(rng)
+    logging.info('No checkpoint in %s: starting from scratch.', workdir)
+  else:
+    stale = {k: (meta.get(k), v) for k, v in run_meta.items() if meta.get(k) != v}
+    if stale:
+      raise ValueError(f'the checkpoint in {workdir} was written with a different input stream '
+                       f'(field: (checkpoint, now)) {stale}; resume with the same config or use '
+                       'a new --workdir')
+    logging.info('Resumed from step %d (epoch %d, batch %d of %d).', int(state.step),
+                 int(state.step) // steps_per_epoch, int(state.step) % steps_per_epoch,
+                 steps_per_epoch)
+  start_step = int(jax.device_get(state.step))
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  param_count = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model: %d parameters; %d steps/epoch, %d steps total, %d devices.', param_count,
+               steps_per_epoch, total_steps, mesh.size)
+
+  train_fn = jax.jit(functools.partial(train_step, learning_rate_fn=learning_rate_fn),
+                     in_shardings=(replicated, data_sharding),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_fn = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
+                    out_shardings=replicated)
+  writer = metric_writer.MetricWriter(workdir)
+  buffer = _MetricsBuffer()
+
+  def checkpoint(step):
+    buffer.flush(step)  # never checkpoint a diverged state
+    checkpointing.save(manager, state, {**run_meta, 'step': step,
+                                        'epoch': step // steps_per_epoch,
+                                        'batch_in_epoch': step % steps_per_epoch})
+
+  batches = input_pipeline.to_device(
+      input_pipeline.train_batches(train_images, train_labels, batch_size=config.batch_size,
+                                   seed=config.seed, start_step=start_step,
+                                   num_steps=total_steps), data_sharding)
+  progress = _progress(config, is_main, total_steps, start_step, steps_per_epoch)
+  last_log_time, last_log_step = time.time(), start_step
+  epoch_start_time, epoch_start_step = time.time(), start_step
+  with _StopRequest() as stop:
+    for step, batch in zip(range(start_step + 1, total_steps + 1), batches):
+      state, metrics = train_fn(state, batch)
+      buffer.pending.append(metrics)
+      if len(buffer.pending) > 2:
+        # Bound the run-ahead of async dispatch: progress, timings and a stop signal then
+        # refer to steps that actually ran, not merely queued ones.
+        jax.block_until_ready(buffer.pending[-3]['loss'])
+      if progress is not None:
+        progress.update(1)
+      if step == start_step + 1:
+        jax.block_until_ready(state)
+        logging.info('First step (compilation included) took %.1fs.', time.time() - last_log_time)
+        last_log_time, last_log_step = time.time(), step
+        epoch_start_time, epoch_start_step = time.time(), step
+      epoch, end_of_epoch = divmod(step, steps_per_epoch)[0], step % steps_per_epoch == 0
+      if step % config.log_every_steps == 0 and step > last_log_step:
+        means = buffer.flush(step)
+        rate = (step - last_log_step) / (time.time() - last_log_time)
+        writer.write({'kind': 'train', 'step': step, 'epoch': step / steps_per_epoch,
+                      **{f'train_{k}': v for k, v in means.items() if k != 'learning_rate'},
+                      'learning_rate': means['learning_rate'], 'steps_per_sec': rate,
+                      'images_per_sec': rate * config.batch_size})
+        if progress is not None:
+          progress.set_postfix(loss=f'{means["loss"]:.3f}', img_s=f'{rate * config.batch_size:.0f}')
+        last_log_time, last_log_step = time.time(), step
+      if end_of_epoch or step % config.checkpoint_every_steps == 0 or stop.signum:
+        checkpoint(step)
+      if end_of_epoch:
+        buffer.flush(step)
+        seconds = time.time() - epoch_start_time
+        record = {'kind': 'epoch', 'step': step, 'epoch': epoch, **buffer.pop_epoch(),
+                  'learning_rate': float(learning_rate_fn(step - 1)),
+                  'epoch_seconds': seconds,
+                  'images_per_sec': (step - epoch_start_step) * config.batch_size / seconds}
+        if epoch % config.eval_every_epochs == 0 or step == total_steps:
+          eval_start = time.time()
+          record.update(evaluate(eval_fn, state, test_images, test_labels,
+                                 config.eval_batch_size, data_sharding))
+          record['eval_seconds'] = time.time() - eval_start
+        writer.write(record)
+        epoch_start_time, epoch_start_step = time.time(), step
+        last_log_time = time.time()
+      if stop.signum:
+        logging.warning('Stopped at step %d on signal %d; rerun the same command to resume.',
+                        step, stop.signum)
+        break
+  if progress is not None:
+    progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  if start_step == total_steps:
+    logging.info('Training already finished at step %d.', total_steps)
+    writer.write({'kind': 'final', 'step': total_steps, **evaluate(
+        eval_fn, state, test_images, test_labels, config.eval_batch_size, data_sharding)})
+  return state
+
+
+def _progress(config, is_main, total_steps, start_step, steps_per_epoch):
+  if not (config.progress_bar and is_main) or start_step >= total_steps:
+    return None
+  import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                   mininterval=5.0, smoothing=0.1,
+                   desc=f'train ({steps_per_epoch} steps/epoch)')

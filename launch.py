@@ -1,0 +1,48 @@
+r"""Trains a hybrid-flax model.
+
+  python launch.py --config configs/cifar_hybrid.py --workdir runs/hybrid [--config.x=y ...]
+
+Rerunning the same command with the same --workdir resumes from the latest checkpoint there.
+"""
+
+import sys
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from hybrid_flax import input_pipeline
+from hybrid_flax import train
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.',
+                               required=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                          lock_config=True)
+flags.mark_flags_as_required(['config'])
+
+
+def _quiet_orbax(record) -> bool:
+  # Orbax logs every step of every save at INFO; keep its warnings and errors only.
+  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  input_pipeline.hide_gpus_from_tensorflow()
+  logging.info('JAX %s, process %d of %d, local devices: %s', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_devices())
+  logging.info('Config:\n%s', _CONFIG.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (input_pipeline.DatasetUnavailableError, ValueError, train.NonFiniteLossError) as e:
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  jax.config.config_with_absl()
+  app.run(main)

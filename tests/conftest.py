@@ -1,0 +1,61 @@
+"""Test setup: 4 fake CPU devices so the sharded code paths run without a GPU."""
+
+import os
+
+# Before JAX initialises its backend: every test sees 4 CPU devices.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update('jax_platforms', 'cpu')
+
+import io  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+import zipfile  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+           'truck')
+TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 2
+
+
+def class_image(label: int, index: int, fmt: str = 'JPEG') -> bytes:
+  """A 32x32 image whose colour and stripe encode its class: learnable in a few steps."""
+  rng = np.random.default_rng((label, index))
+  img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+  img[..., label % 3] += np.uint8(120)
+  img[:, (label * 3):(label * 3) + 3] = 255
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format=fmt, quality=90)
+  return buf.getvalue()
+
+
+def write_cifar_zip(path, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS,
+                    classes=CLASSES, extra=None):
+  """A zip laid out cifar10/{train,test}/<class>/NNNN.jpg like ../shared/data's copy."""
+  with zipfile.ZipFile(path, 'w') as zf:
+    for split, n in (('train', train_per_class), ('test', test_per_class)):
+      for label, name in enumerate(classes):
+        for i in range(n):
+          zf.writestr(f'cifar10/{split}/{name}/{i:04d}.jpg', class_image(label, i))
+    for name, data in (extra or {}).items():
+      zf.writestr(name, data)
+  return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_zip(tmp_path_factory):
+  return write_cifar_zip(tmp_path_factory.mktemp('src') / 'tiny-cifar.zip')
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory, tiny_zip):
+  """A TFDS data dir holding `cifar10_folder` imported from `tiny_zip` by the real import."""
+  from hybrid_flax import import_data  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  assert import_data.import_source(tiny_zip, data_dir) == 'cifar10_folder'
+  return data_dir

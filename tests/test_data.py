@@ -1,0 +1,184 @@
+"""The offline import into TFDS, reading it back without TensorFlow, and batch order."""
+
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+from hybrid_flax import cifar10_folder
+from hybrid_flax import import_data
+from hybrid_flax import input_pipeline
+from tests import conftest
+
+
+def test_import_builds_both_splits_with_labels(tiny_data_dir):
+  images, labels = input_pipeline.load_split('cifar10_folder', 'train', tiny_data_dir)
+  assert images.shape == (10 * conftest.TRAIN_PER_CLASS, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(np.bincount(labels), [conftest.TRAIN_PER_CLASS] * 10)
+  test_images, test_labels = input_pipeline.load_split('cifar10_folder', 'test', tiny_data_dir)
+  assert len(test_images) == 10 * conftest.TEST_PER_CLASS
+  # Labels follow CIFAR-10's order: the class encoded in each image matches its label.
+  for img, label in zip(test_images, test_labels):
+    stripe = img[:, :, :].mean(axis=(0, 2))
+    assert label * 3 <= int(np.argmax(stripe)) < label * 3 + 3
+
+
+def test_import_keeps_the_image_bytes_unchanged(tiny_data_dir, tiny_zip):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.builder('cifar10_folder', data_dir=tiny_data_dir).as_data_source(
+      split='train', decoders={'image': tfds.decode.SkipDecoding()})
+  with zipfile.ZipFile(tiny_zip) as zf:
+    for record in source:
+      name = record['id'].decode() if isinstance(record['id'], bytes) else record['id']
+      assert record['image'] == zf.read(name)
+
+
+def test_reimport_is_a_no_op_and_overwrite_rebuilds(tiny_data_dir, tiny_zip):
+  path = os.path.join(tiny_data_dir, 'cifar10_folder', '1.0.0', 'dataset_info.json')
+  before = os.stat(path).st_mtime_ns
+  import_data.import_source(tiny_zip, tiny_data_dir)
+  assert os.stat(path).st_mtime_ns == before
+
+
+def test_import_from_a_folder(tmp_path, tiny_zip):
+  with zipfile.ZipFile(tiny_zip) as zf:
+    zf.extractall(tmp_path / 'extracted')
+  data_dir = str(tmp_path / 'tfds')
+  import_data.import_source(str(tmp_path / 'extracted'), data_dir)
+  images, _ = input_pipeline.load_split('cifar10_folder', 'test', data_dir)
+  assert len(images) == 10 * conftest.TEST_PER_CLASS
+
+
+def _no_dataset_left(data_dir):
+  return not os.path.exists(os.path.join(data_dir, 'cifar10_folder', '1.0.0',
+                                         'dataset_info.json'))
+
+
+@pytest.mark.parametrize('case, match', [
+    ('missing', 'does not exist'),
+    ('truncated', 'neither a folder nor a readable zip'),
+    ('nine_classes', 'missing: \\[.truck.\\]'),
+    ('no_test_split', 'no images found under test'),
+    ('undecodable', 'cifar10/train/cat/9999.jpg is not a decodable image'),
+    ('wrong_size', '9999.jpg is 64x64 RGB'),
+])
+def test_bad_import_sources_fail_clearly_and_leave_nothing(tmp_path, tiny_zip, case, match):
+  src = tmp_path / 'src.zip'
+  if case == 'truncated':
+    data = open(tiny_zip, 'rb').read()
+    src.write_bytes(data[:len(data) // 2])
+  elif case == 'nine_classes':
+    conftest.write_cifar_zip(src, 1, 1, classes=conftest.CLASSES[:9])
+  elif case == 'no_test_split':
+    conftest.write_cifar_zip(src, 1, 0)
+  elif case == 'undecodable':
+    conftest.write_cifar_zip(src, 1, 1, extra={'cifar10/train/cat/9999.jpg': b'not an image'})
+  elif case == 'wrong_size':
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    buf = io.BytesIO()
+    Image.new('RGB', (64, 64)).save(buf, format='JPEG')
+    conftest.write_cifar_zip(src, 1, 1, extra={'cifar10/test/dog/9999.jpg': buf.getvalue()})
+  data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(cifar10_folder.SourceError, match=match):
+    import_data.import_source(str(src), data_dir)
+  assert _no_dataset_left(data_dir)
+
+
+def test_official_archive_goes_through_tfds_checksum_verification(tmp_path):
+  fake = tmp_path / 'cifar-10-binary.tar.gz'
+  with tarfile.open(fake, 'w:gz') as tf:
+    tf.add(__file__, arcname='cifar-10-batches-bin/readme.txt')
+  with pytest.raises(cifar10_folder.SourceError, match='checksum does not match') as e:
+    import_data.import_source(str(fake), str(tmp_path / 'tfds'))
+  assert 'NonMatchingChecksumError' in type(e.value.__cause__).__name__
+  assert not os.path.exists(tmp_path / 'tfds' / 'cifar10' / '3.0.2' / 'dataset_info.json')
+
+
+def test_import_cli_reports_a_bad_source_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'hybrid_flax.import_data', '--source',
+                         str(tmp_path / 'nope.zip'), '--data_dir', str(tmp_path)],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert 'import failed:' in proc.stderr and 'does not exist' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_missing_dataset_says_how_to_import(tmp_path):
+  with pytest.raises(input_pipeline.DatasetUnavailableError, match='hybrid_flax.import_data'):
+    input_pipeline.load_split('cifar10_folder', 'train', str(tmp_path))
+  with pytest.raises(input_pipeline.DatasetUnavailableError, match='not prepared'):
+    input_pipeline.load_split('cifar10', 'train', str(tmp_path))
+
+
+_READ_WITHOUT_TF = '''
+import importlib.machinery, sys
+class Hide(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name.split('.')[0] == 'tensorflow':
+      return None
+    return importlib.machinery.PathFinder.find_spec(name, path, target)
+sys.meta_path[:] = [Hide if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+from hybrid_flax import input_pipeline
+images, labels = input_pipeline.load_split('cifar10_folder', 'train', sys.argv[1])
+assert 'tensorflow' not in sys.modules
+print(images.shape, labels.sum())
+'''
+
+
+def test_training_data_reads_without_tensorflow(tiny_data_dir):
+  proc = subprocess.run([sys.executable, '-c', _READ_WITHOUT_TF, tiny_data_dir],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  n = 10 * conftest.TRAIN_PER_CLASS
+  assert proc.stdout.split() == ['(%d,' % n, '32,', '32,', '3)', str(sum(range(10)) *
+                                                                    conftest.TRAIN_PER_CLASS)]
+
+
+def _stream(n, batch_size, start_step, num_steps, seed=0):
+  images = np.arange(n)[:, None]
+  return [b['image'][:, 0] for b in input_pipeline.train_batches(
+      images, np.zeros(n, np.int32), batch_size=batch_size, seed=seed, start_step=start_step,
+      num_steps=num_steps)]
+
+
+def test_each_epoch_is_a_seeded_permutation_of_the_training_set():
+  batches = _stream(n=50, batch_size=8, start_step=0, num_steps=12)  # 6 steps/epoch, 2 left out
+  epoch0, epoch1 = np.concatenate(batches[:6]), np.concatenate(batches[6:])
+  assert len(set(epoch0)) == 48 and len(set(epoch1)) == 48
+  assert not np.array_equal(epoch0, epoch1)
+  assert not np.array_equal(batches[0], _stream(50, 8, 0, 1, seed=1)[0])
+
+
+def test_stream_resumed_at_any_step_matches_the_uninterrupted_stream():
+  full = _stream(n=50, batch_size=8, start_step=0, num_steps=20)
+  for start in (1, 5, 6, 13):
+    resumed = _stream(n=50, batch_size=8, start_step=start, num_steps=20)
+    for a, b in zip(full[start:], resumed, strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_eval_batches_cover_every_example_once_with_padding_masked():
+  n = 23
+  batches = list(input_pipeline.eval_batches(np.arange(n)[:, None], np.arange(n), 8))
+  assert len(batches) == 3 and all(len(b['label']) == 8 for b in batches)
+  real = np.concatenate([b['label'][b['mask'] == 1] for b in batches])
+  np.testing.assert_array_equal(np.sort(real), np.arange(n))
+  assert sum(b['mask'].sum() for b in batches) == n
+
+
+def test_batches_land_sharded_over_the_data_axis():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  sharding = NamedSharding(mesh, P('data'))
+  batches = list(input_pipeline.to_device(
+      ({'x': np.full((8, 2), i)} for i in range(5)), sharding, prefetch=2))
+  assert [int(b['x'][0, 0]) for b in batches] == [0, 1, 2, 3, 4]
+  assert batches[0]['x'].sharding == sharding
+  assert len(batches[0]['x'].addressable_shards) == jax.device_count() == 4

@@ -1,0 +1,141 @@
+"""launch.py end to end on a tiny imported data set: train, kill, resume, and errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests import conftest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 10 * conftest.TRAIN_PER_CLASS // 16
+EPOCHS = 3
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+
+# Runs launch.py in-process after wrapping checkpointing.save so the process SIGKILLs itself
+# right after saving step KILL_AT_STEP: a kill at an exact, reproducible point.
+_KILLING_LAUNCHER = '''
+import os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+from hybrid_flax import checkpointing
+_save = checkpointing.save
+def save(manager, state, meta):
+  out = _save(manager, state, meta)
+  if meta['step'] == int(os.environ['KILL_AT_STEP']):
+    if os.environ['KILL_MODE'] == 'after_write':
+      manager.wait_until_finished()
+    os.kill(os.getpid(), signal.SIGKILL)  # 'mid_write': the async write may be in flight
+  return out
+checkpointing.save = save
+sys.argv = ['launch.py'] + sys.argv[1:]
+runpy.run_path(os.path.join({repo!r}, 'launch.py'), run_name='__main__')
+'''
+
+
+def _launch(workdir, data_dir, *extra, env=None, launcher=None):
+  args = ['--config', os.path.join(REPO, 'configs/cifar_tiny.py'), '--workdir', str(workdir),
+          '--config.dataset=cifar10_folder', f'--config.data_dir={data_dir}',
+          f'--config.num_epochs={EPOCHS}', '--config.model.dropout=0.1',
+          '--config.progress_bar=False', *extra]
+  cmd = [sys.executable] + (['-c', launcher] if launcher else [os.path.join(REPO, 'launch.py')])
+  return subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=REPO,
+                        env={**os.environ, **(env or {})}, check=False)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _final_params(workdir):
+  step = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  state = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return step, state
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, tiny_data_dir):
+  workdir = tmp_path_factory.mktemp('reference')
+  proc = _launch(workdir, tiny_data_dir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+def test_launch_trains_evaluates_and_checkpoints(reference_run):
+  workdir, proc = reference_run
+  epochs = [m for m in _metrics(workdir) if m['kind'] == 'epoch']
+  assert [m['epoch'] for m in epochs] == list(range(1, EPOCHS + 1))
+  for m in epochs:
+    assert m['test_examples'] == 10 * conftest.TEST_PER_CLASS  # padding not counted
+    for key in ('train_loss', 'train_accuracy', 'test_accuracy', 'learning_rate',
+                'images_per_sec', 'epoch_seconds'):
+      assert key in m
+  assert any(m['kind'] == 'train' and 'steps_per_sec' in m for m in _metrics(workdir))
+  steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
+  assert steps[-1] == TOTAL_STEPS and len(steps) == 3  # keep_checkpoints
+  assert 'No checkpoint' in proc.stderr
+  assert json.load(open(workdir / 'config.json'))['dataset'] == 'cifar10_folder'
+
+
+def test_rerunning_a_finished_run_only_evaluates(reference_run, tiny_data_dir):
+  workdir, _ = reference_run
+  before = _final_params(workdir)
+  proc = _launch(workdir, tiny_data_dir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'Training already finished' in proc.stderr
+  assert _metrics(workdir)[-1]['kind'] == 'final'
+  assert _final_params(workdir)[0] == before[0]
+
+
+@pytest.mark.parametrize('mode', ['after_write', 'mid_write'])
+def test_killed_and_resumed_run_equals_uninterrupted_run(reference_run, tiny_data_dir,
+                                                         tmp_path, mode):
+  kill_at = STEPS_PER_EPOCH + 1  # mid-epoch 2; the tiny config checkpoints every 2 steps
+  assert kill_at % 2 == 0
+  launcher = _KILLING_LAUNCHER.format(repo=REPO)
+  killed = _launch(tmp_path, tiny_data_dir, launcher=launcher,
+                   env={'KILL_AT_STEP': str(kill_at), 'KILL_MODE': mode})
+  assert killed.returncode == -9, killed.stderr[-4000:]
+  resumed = _launch(tmp_path, tiny_data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  if mode == 'after_write':
+    assert f'Resumed from step {kill_at} (epoch 1, batch 1 of {STEPS_PER_EPOCH})' in resumed.stderr
+  else:
+    assert 'Resumed from step' in resumed.stderr
+  ref_step, ref = _final_params(reference_run[0])
+  step, got = _final_params(tmp_path)
+  assert step == ref_step == TOTAL_STEPS
+  # Bit-for-bit: params, batch statistics, optimizer state, step and RNG.
+  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(ref)
+  got_leaves, got_def = jax.tree_util.tree_flatten_with_path(got)
+  assert ref_def == got_def
+  assert {p[0].key for p, _ in ref_leaves} == {'params', 'batch_stats', 'opt_state', 'step',
+                                               'rng'}
+  for (path, a), (_, b) in zip(ref_leaves, got_leaves):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))
+  ref_test = [m['test_accuracy'] for m in _metrics(reference_run[0]) if m['kind'] == 'epoch']
+  got_test = [m['test_accuracy'] for m in _metrics(tmp_path) if m['kind'] == 'epoch']
+  assert got_test == ref_test[:len(got_test)] and len(got_test) == EPOCHS
+
+
+def test_missing_dataset_stops_at_once_with_import_instructions(tmp_path):
+  proc = _launch(tmp_path / 'wd', tmp_path / 'empty_tfds')
+  assert proc.returncode != 0
+  assert 'not prepared' in proc.stderr and 'python -m hybrid_flax.import_data' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.batch_size=18', 'batch_size=18 must be a positive multiple of the 4 devices'),
+    ('--config.learning_rate=-1', 'learning_rate must be positive'),
+    ('--config.learnig_rate=0.1', 'learnig_rate'),
+])
+def test_bad_config_is_one_clear_error(tmp_path, tiny_data_dir, override, message):
+  proc = _launch(tmp_path, tiny_data_dir, override)
+  assert proc.returncode != 0 and message in proc.stderr

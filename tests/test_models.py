@@ -1,0 +1,146 @@
+"""Shapes, pinned parameter counts, gradient checks and attention equivariance of the blocks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from configs import cifar_hybrid
+from configs import cifar_tiny
+from hybrid_flax import models
+
+
+def _param_count(model, shape=(1, 32, 32, 3)):
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape),
+                                                train=False))
+  return sum(x.size for x in jax.tree.leaves(variables['params']))
+
+
+def _model(**overrides):
+  config = cifar_hybrid.get_config().model
+  for k, v in overrides.items():
+    config[k] = v
+  return models.create_model(config)
+
+
+# ResNet-9 (conv 64-128-256-512 + two residual blocks + Dense 512->10) has 6,575,370 parameters;
+# each attention block adds 6*C^2 + 6*C (two Dense embeddings, Q/K/V, output projection).
+@pytest.mark.parametrize('overrides, expected', [
+    ({}, 6_575_370 + (6 * 128**2 + 6 * 128) + (6 * 512**2 + 6 * 512)),
+    ({'embed': False}, 6_575_370 + (4 * 128**2 + 4 * 128) + (4 * 512**2 + 4 * 512)),
+    ({'attention': False}, 6_575_370),
+])
+def test_pinned_parameter_counts(overrides, expected):
+  assert _param_count(_model(**overrides)) == expected
+
+
+def test_default_is_8_250_378_parameters():
+  assert _param_count(_model()) == 8_250_378
+
+
+@pytest.mark.parametrize('overrides', [
+    {},
+    {'embed': False},
+    {'attention': False},
+    {'pool': (True, False, True, False)},
+    {'widths': (8, 16, 24, 32), 'num_heads': 4},
+])
+def test_full_model_output_shape(overrides):
+  model = _model(**overrides)
+  out = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.PRNGKey(0), jnp.zeros((3, 32, 32, 3)), train=False)[0])
+  assert out.shape == (3, 10) and out.dtype == jnp.float32
+
+
+def test_tiny_model_runs_train_and_eval_mode():
+  model = models.create_model(cifar_tiny.get_config().model)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                rngs={'dropout': jax.random.PRNGKey(2)})
+  assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
+  # Training mode updates the running statistics; evaluation mode uses them.
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'],
+                         updates['batch_stats'])
+  assert all(jax.tree.leaves(changed))
+  assert model.apply(variables, x, train=False).shape == (4, 10)
+
+
+@pytest.mark.parametrize('block, x_shape, out_shape', [
+    (models.ConvBlock(6), (2, 8, 8, 3), (2, 8, 8, 6)),
+    (models.ConvBlock(6, pool=True), (2, 8, 8, 3), (2, 4, 4, 6)),
+    (models.ResidualBlock(), (2, 8, 8, 5), (2, 8, 8, 5)),
+])
+def test_conv_block_shapes(block, x_shape, out_shape):
+  x = jnp.ones(x_shape)
+  out, _ = block.init_with_output(jax.random.PRNGKey(0), x, train=False)
+  assert out.shape == out_shape
+
+
+@pytest.mark.parametrize('embed', [True, False])
+def test_attention_block_shape_and_params(embed):
+  block = models.AttentionBlock(num_heads=2, embed=embed)
+  out, variables = block.init_with_output(jax.random.PRNGKey(0), jnp.ones((2, 4, 3, 8)))
+  assert out.shape == (2, 4, 3, 8)
+  assert ('embed_in' in variables['params']) == embed
+
+
+def test_attention_is_permutation_equivariant_over_positions():
+  block = models.AttentionBlock(num_heads=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 8))
+  variables = block.init(jax.random.PRNGKey(1), x)
+  perm = np.random.default_rng(0).permutation(16)
+  out = block.apply(variables, x).reshape(2, 16, 8)
+  out_of_permuted = block.apply(variables, x.reshape(2, 16, 8)[:, perm].reshape(2, 4, 4, 8))
+  np.testing.assert_allclose(out_of_permuted.reshape(2, 16, 8), out[:, perm], atol=1e-5)
+  # And it really mixes positions: changing one position changes the others' outputs.
+  moved = block.apply(variables, x.at[:, 0, 0].add(1.0)).reshape(2, 16, 8)
+  assert float(jnp.abs(moved[:, 1:] - out[:, 1:]).max()) > 1e-4
+
+
+def test_attention_block_rejects_heads_that_do_not_divide_channels():
+  with pytest.raises(ValueError, match='attention heads'):
+    models.AttentionBlock(num_heads=3).init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 8)))
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'widths': (8, 16, 16)}, '4 entries'),
+    ({'widths': (8, 18, 16, 32), 'num_heads': 4}, 'not divisible'),
+    ({'num_heads': 0}, 'positive'),
+    ({'dropout': 1.0}, 'dropout'),
+])
+def test_invalid_model_configs_fail_with_a_reason(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _model(**overrides)
+
+
+def _block_fn(block, x, train_mode):
+  """(params, x) -> output for gradient checks, batch statistics as in training."""
+  variables = block.init(jax.random.PRNGKey(0), x, **train_mode)
+
+  def f(params, inputs):
+    if 'batch_stats' in variables:
+      out, _ = block.apply({'params': params, 'batch_stats': variables['batch_stats']}, inputs,
+                           mutable=['batch_stats'], **train_mode)
+      return out
+    return block.apply({'params': params}, inputs, **train_mode)
+  return f, variables['params']
+
+
+@pytest.mark.parametrize('name', ['conv', 'conv_pool', 'residual', 'attention',
+                                  'attention_noembed'])
+def test_block_gradients_match_finite_differences(name):
+  block, train_mode = {
+      'conv': (models.ConvBlock(4, dtype=jnp.float64), {'train': True}),
+      'conv_pool': (models.ConvBlock(4, pool=True, dtype=jnp.float64), {'train': True}),
+      'residual': (models.ResidualBlock(dtype=jnp.float64), {'train': True}),
+      'attention': (models.AttentionBlock(2, dtype=jnp.float64), {}),
+      'attention_noembed': (models.AttentionBlock(2, embed=False, dtype=jnp.float64), {}),
+  }[name]
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 4), dtype=jnp.float64)
+    f, params = _block_fn(block, x, train_mode)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    # Gradients with respect to both the parameters and the input, forward and reverse mode.
+    check_grads(f, (params, x), order=1, modes=('fwd', 'rev'), eps=1e-6, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,175 @@
+"""The train step, sharding, optimizer, config checks and checkpoint round trips."""
+
+import functools
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import cifar_tiny
+from hybrid_flax import checkpointing
+from hybrid_flax import models
+from hybrid_flax import train
+from tests import conftest
+
+
+def _setup(config=None, steps_per_epoch=10):
+  config = config or cifar_tiny.get_config()
+  model = models.create_model(config.model)
+  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch)
+  tx = train.create_optimizer(config, lr_fn)
+  state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
+  return jax.device_put(state), lr_fn  # every leaf an array, as the training loop has it
+
+
+def _batch(n=16):
+  labels = np.arange(n) % 10
+  images = np.stack([np.asarray(jax.numpy.asarray(_decode(conftest.class_image(int(l), i))))
+                     for i, l in enumerate(labels)])
+  return {'image': images, 'label': labels.astype(np.int32)}
+
+
+def _decode(data):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.asarray(Image.open(io.BytesIO(data)).convert('RGB'))
+
+
+def _sharded_step_fn(lr_fn, devices):
+  mesh = Mesh(np.asarray(devices), ('data',))
+  data, rep = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+  fn = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn),
+               in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
+  return fn, data, rep
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+  state, lr_fn = _setup()
+  batch = _batch()
+  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(state.step) == 15
+
+
+def test_sharded_step_on_4_devices_matches_one_device():
+  assert jax.device_count() == 4
+  batch = _batch()
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    state, lr_fn = _setup()
+    fn, data, rep = _sharded_step_fn(lr_fn, devices)
+    state = jax.device_put(state, rep)
+    for _ in range(3):
+      state, metrics = fn(state, jax.device_put(batch, data))
+    assert len(state.params['head']['kernel'].sharding.device_set) == len(devices)
+    results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
+                    float(metrics['loss'])))
+  (p1, b1, l1), (p4, b4, l4) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), p1, p4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), b1, b4)
+  assert l1 == pytest.approx(l4, rel=1e-4)
+
+
+def test_sgd_weight_decay_is_pytorch_style_and_coupled():
+  config = cifar_tiny.get_config()
+  config.learning_rate, config.weight_decay, config.momentum = 0.1, 0.01, 0.9
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, 0.5])}
+  opt_state = tx.init(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  # torch.optim.SGD: d = g + wd * p; buf = d (first step); p -= lr * buf
+  np.testing.assert_allclose(updates['w'], -0.1 * (np.array([0.5, 0.5]) +
+                                                   0.01 * np.array([1.0, -2.0])), rtol=1e-6)
+  updates, _ = tx.update(grads, opt_state, params)
+  d = np.array([0.5, 0.5]) + 0.01 * np.array([1.0, -2.0])
+  np.testing.assert_allclose(updates['w'], -0.1 * (0.9 * d + d), rtol=1e-6)
+
+
+def test_learning_rate_schedules():
+  config = cifar_tiny.get_config()
+  config.num_epochs, config.learning_rate = 4, 0.2
+  assert float(train.create_learning_rate_fn(config, 10)(37)) == pytest.approx(0.2)
+  config.schedule, config.warmup_epochs = 'cosine', 1
+  fn = train.create_learning_rate_fn(config, 10)
+  assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(0.1)
+  assert float(fn(10)) == pytest.approx(0.2) and float(fn(40)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('learning_rate', -0.1, 'learning_rate must be positive'),
+    ('batch_size', 18, 'batch_size=18 must be a positive multiple of the 4 devices'),
+    ('eval_batch_size', 0, 'eval_batch_size=0'),
+    ('schedule', 'linear', 'schedule must be one of'),
+    ('num_epochs', 0, 'num_epochs must be positive'),
+    ('momentum', 1.5, 'momentum'),
+])
+def test_bad_configs_fail_before_compiling(field, value, match):
+  config = cifar_tiny.get_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=match):
+    train.validate_config(config, num_devices=4)
+
+
+def test_config_typos_fail_loudly():
+  config = cifar_tiny.get_config()
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.learnig_rate = 0.1  # pylint: disable=attribute-defined-outside-init
+
+
+def _trained_state(steps=2):
+  state, lr_fn = _setup()
+  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
+  for _ in range(steps):
+    state, _ = step(state, _batch())
+  return state
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      state)
+
+
+def test_checkpoint_round_trip(tmp_path):
+  state = _trained_state()
+  manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2)
+  assert checkpointing.save(manager, state, {'step': 2, 'note': 'x'})
+  assert not checkpointing.save(manager, state, {'step': 2})  # same step: no second write
+  manager.wait_until_finished()
+  restored, meta = checkpointing.restore_latest(
+      checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2), _abstract(state))
+  assert meta == {'step': 2, 'note': 'x'}
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(state),
+                      jax.device_get(restored))
+  assert all(jax.tree.leaves(same))  # params, batch_stats, opt_state, step, rng
+
+
+def test_empty_checkpoint_dir_restores_nothing(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2)
+  assert checkpointing.restore_latest(manager, _abstract(_trained_state(0))) == (None, None)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  first, second = _trained_state(1), _trained_state(2)
+  directory = str(tmp_path / 'ckpt')
+  manager = checkpointing.make_manager(directory, keep=3)
+  checkpointing.save(manager, first, {'step': 1})
+  checkpointing.save(manager, second, {'step': 2})
+  manager.wait_until_finished()
+  state_dir = os.path.join(directory, '2', 'state')
+  shutil.rmtree(state_dir)
+  os.makedirs(state_dir)
+  restored, meta = checkpointing.restore_latest(checkpointing.make_manager(directory, keep=3),
+                                                _abstract(first))
+  assert meta == {'step': 1} and int(restored.step) == 1
+  assert 'step 2 is unreadable' in caplog.text
