@@ -286,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info('First step (compilation included) took %.1fs.', time.time() - last_log_time)
         last_log_time, last_log_step = time.time(), step
         epoch_start_time, epoch_start_step = time.time(), step
-      epoch, end_of_epoch = divmod(step, steps_per_epoch)[0], step % steps_per_epoch == 0
+      epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+      end_of_epoch = batch_in_epoch == 0
       if step % config.log_every_steps == 0 and step > last_log_step:
         means = buffer.flush(step)
         rate = (step - last_log_step) / (time.time() - last_log_time)
@@ -312,8 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                  config.eval_batch_size, data_sharding))
           record['eval_seconds'] = time.time() - eval_start
         writer.write(record)
+        # The epoch record consumed the pending steps; evaluation time is not training time.
         epoch_start_time, epoch_start_step = time.time(), step
-        last_log_time = time.time()
+        last_log_time, last_log_step = time.time(), step
       if stop.signum:
         logging.warning('Stopped at step %d on signal %d; rerun the same command to resume.',
                         step, stop.signum)

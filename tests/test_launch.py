@@ -17,9 +17,10 @@ STEPS_PER_EPOCH = 10 * conftest.TRAIN_PER_CLASS // 16
 EPOCHS = 3
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 
-# Runs launch.py in-process after wrapping checkpointing.save so the process SIGKILLs itself
-# right after saving step KILL_AT_STEP: a kill at an exact, reproducible point.
-_KILLING_LAUNCHER = '''
+# Runs launch.py in-process after wrapping checkpointing.save so that, right after saving step
+# KILL_AT_STEP, the process sends itself KILL_SIGNAL (default SIGKILL): a signal at an exact,
+# reproducible point.
+_SIGNALLING_LAUNCHER = '''
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
 from hybrid_flax import checkpointing
@@ -27,9 +28,10 @@ _save = checkpointing.save
 def save(manager, state, meta):
   out = _save(manager, state, meta)
   if meta['step'] == int(os.environ['KILL_AT_STEP']):
-    if os.environ['KILL_MODE'] == 'after_write':
+    if os.environ.get('KILL_MODE') == 'after_write':
       manager.wait_until_finished()
-    os.kill(os.getpid(), signal.SIGKILL)  # 'mid_write': the async write may be in flight
+    # Otherwise ('mid_write') the async write may still be in flight.
+    os.kill(os.getpid(), getattr(signal, os.environ.get('KILL_SIGNAL', 'SIGKILL')))
   return out
 checkpointing.save = save
 sys.argv = ['launch.py'] + sys.argv[1:]
@@ -98,7 +100,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(reference_run, tiny_dat
                                                          tmp_path, mode):
   kill_at = STEPS_PER_EPOCH + 1  # mid-epoch 2; the tiny config checkpoints every 2 steps
   assert kill_at % 2 == 0
-  launcher = _KILLING_LAUNCHER.format(repo=REPO)
+  launcher = _SIGNALLING_LAUNCHER.format(repo=REPO)
   killed = _launch(tmp_path, tiny_data_dir, launcher=launcher,
                    env={'KILL_AT_STEP': str(kill_at), 'KILL_MODE': mode})
   assert killed.returncode == -9, killed.stderr[-4000:]
@@ -139,3 +141,46 @@ def test_missing_dataset_stops_at_once_with_import_instructions(tmp_path):
 def test_bad_config_is_one_clear_error(tmp_path, tiny_data_dir, override, message):
   proc = _launch(tmp_path, tiny_data_dir, override)
   assert proc.returncode != 0 and message in proc.stderr
+
+
+# SIGTERM right after the metrics of step TERM_AT_STEP are written: between checkpoints.
+_TERM_LAUNCHER = '''
+import os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+from hybrid_flax import metric_writer
+_write = metric_writer.MetricWriter.write
+def write(self, record):
+  _write(self, record)
+  if record.get('step') == int(os.environ['TERM_AT_STEP']):
+    os.kill(os.getpid(), signal.SIGTERM)
+metric_writer.MetricWriter.write = write
+sys.argv = ['launch.py'] + sys.argv[1:]
+runpy.run_path(os.path.join({repo!r}, 'launch.py'), run_name='__main__')
+'''
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_continues(
+    reference_run, tiny_data_dir, tmp_path):
+  no_periodic = ('--config.log_every_steps=3', '--config.checkpoint_every_steps=100')
+  stopped = _launch(tmp_path, tiny_data_dir, *no_periodic,
+                    launcher=_TERM_LAUNCHER.format(repo=REPO), env={'TERM_AT_STEP': '3'})
+  assert stopped.returncode == 0, stopped.stderr[-4000:]
+  assert 'Stopped at step 3 on signal 15' in stopped.stderr
+  assert [d for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()] == ['3']
+  resumed = _launch(tmp_path, tiny_data_dir, *no_periodic)
+  assert resumed.returncode == 0 and 'Resumed from step 3' in resumed.stderr
+  (_, ref), (_, got) = _final_params(reference_run[0]), _final_params(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, got['params'], ref['params'])
+
+
+def test_diverging_loss_stops_naming_the_step_and_keeps_good_checkpoints(tiny_data_dir,
+                                                                        tmp_path):
+  proc = _launch(tmp_path, tiny_data_dir, '--config.learning_rate=1e12')
+  assert proc.returncode != 0
+  assert 'training diverged' in proc.stderr and 'Traceback' not in proc.stderr
+  bad_step = int(proc.stderr.split('at step ')[1].split(':')[0])
+  steps = [int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
+  assert all(s < bad_step for s in steps)
+  for s in steps:
+    state = ocp.StandardCheckpointer().restore(str(tmp_path / 'checkpoints' / str(s) / 'state'))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
