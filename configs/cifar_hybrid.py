@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
+  # The paper saw gradient explosions with attention; > 0 clips the global gradient norm.
+  config.grad_clip_norm = 0.0
 
   config.seed = 0
   config.log_every_steps = 50

@@ -39,6 +39,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.num_epochs > 0, f'num_epochs must be positive, got {config.num_epochs}'),
       (config.learning_rate > 0, f'learning_rate must be positive, got {config.learning_rate}'),
       (config.weight_decay >= 0, f'weight_decay must be >= 0, got {config.weight_decay}'),
+      (config.grad_clip_norm >= 0, f'grad_clip_norm must be >= 0, got {config.grad_clip_norm}'),
       (0 <= config.momentum < 1, f'momentum must be in [0, 1), got {config.momentum}'),
       (config.schedule in SCHEDULES, f'schedule must be one of {SCHEDULES}, got '
                                      f'{config.schedule!r}'),
@@ -74,7 +75,9 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   # PyTorch's SGD(weight_decay=...) adds wd * param to the gradient before momentum, on every
   # parameter: the paper's setup, so the same here.
+  clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
   return optax.chain(
+      *clip,
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
   )

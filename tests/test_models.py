@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from configs import cifar_cnn
 from configs import cifar_hybrid
+from configs import cifar_hybrid_noembed
 from configs import cifar_tiny
 from hybrid_flax import models
 
@@ -35,8 +37,10 @@ def test_pinned_parameter_counts(overrides, expected):
   assert _param_count(_model(**overrides)) == expected
 
 
-def test_default_is_8_250_378_parameters():
-  assert _param_count(_model()) == 8_250_378
+@pytest.mark.parametrize('config_module, expected', [
+    (cifar_hybrid, 8_250_378), (cifar_hybrid_noembed, 7_692_042), (cifar_cnn, 6_575_370)])
+def test_paper_configs_have_pinned_parameter_counts(config_module, expected):
+  assert _param_count(models.create_model(config_module.get_config().model)) == expected
 
 
 @pytest.mark.parametrize('overrides', [

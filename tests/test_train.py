@@ -95,6 +95,15 @@ def test_sgd_weight_decay_is_pytorch_style_and_coupled():
   np.testing.assert_allclose(updates['w'], -0.1 * (0.9 * d + d), rtol=1e-6)
 
 
+def test_gradient_clipping_bounds_the_step():
+  config = cifar_tiny.get_config()
+  config.learning_rate, config.weight_decay, config.momentum, config.grad_clip_norm = 1.0, 0, 0, 1.0
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+  params = {'w': jnp.zeros(2)}
+  updates, _ = tx.update({'w': jnp.array([30.0, 40.0])}, tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], [-0.6, -0.8], rtol=1e-6)
+
+
 def test_learning_rate_schedules():
   config = cifar_tiny.get_config()
   config.num_epochs, config.learning_rate = 4, 0.2
@@ -112,6 +121,7 @@ def test_learning_rate_schedules():
     ('schedule', 'linear', 'schedule must be one of'),
     ('num_epochs', 0, 'num_epochs must be positive'),
     ('momentum', 1.5, 'momentum'),
+    ('grad_clip_norm', -1.0, 'grad_clip_norm'),
 ])
 def test_bad_configs_fail_before_compiling(field, value, match):
   config = cifar_tiny.get_config()
