@@ -97,6 +97,8 @@ class Cifar10Folder(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, source: str | None = None, **kwargs):
     self._source = source
+    # Scanned here so a bad layout fails before TFDS creates any folder.
+    self._items = scan_source(source) if source else None
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -118,8 +120,7 @@ class Cifar10Folder(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Nothing is downloaded: the source is local.
     if not self._source:
       raise SourceError(f'{NAME} is built from a local copy: pass source=PATH')
-    by_split = scan_source(self._source)
-    return {split: self._generate_examples(items) for split, items in by_split.items()}
+    return {split: self._generate_examples(items) for split, items in self._items.items()}
 
   def _generate_examples(self, items) -> Iterator[tuple[str, dict]]:
     source = self._source

@@ -44,7 +44,6 @@ def import_source(source: str, data_dir: str | None = None, overwrite: bool = Fa
   else:
     builder = cifar10_folder.Cifar10Folder(source=source, data_dir=data_dir,
                                            file_format='array_record')
-    cifar10_folder.scan_source(source)  # fail on a bad layout before TFDS creates any folder
   if builder.is_prepared() and not overwrite:
     logging.info('%s is already prepared in %s (pass --overwrite to rebuild)', builder.name,
                  builder.data_dir)
