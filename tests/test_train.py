@@ -29,7 +29,7 @@ def _setup(config=None, steps_per_epoch=10):
 
 def _batch(n=16):
   labels = np.arange(n) % 10
-  images = np.stack([np.asarray(jax.numpy.asarray(_decode(conftest.class_image(int(l), i))))
+  images = np.stack([_decode(conftest.class_image(int(l), i))
                      for i, l in enumerate(labels)])
   return {'image': images, 'label': labels.astype(np.int32)}
 
