@@ -38,7 +38,8 @@ def main(argv):
   logging.info('Config:\n%s', _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (input_pipeline.DatasetUnavailableError, ValueError, train.NonFiniteLossError) as e:
+  except (input_pipeline.DatasetUnavailableError, ValueError, train.NonFiniteLossError,
+          train.WorkdirBusyError) as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
 

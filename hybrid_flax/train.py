@@ -1,7 +1,8 @@
 """Training and evaluation: the train state, the pure step functions, and the loop around them."""
 
+import contextlib
+import fcntl
 import functools
-import json
 import os
 import signal
 import time
@@ -31,6 +32,33 @@ class TrainState(train_state.TrainState):
 
 class NonFiniteLossError(FloatingPointError):
   """Training diverged; the checkpoints on disk predate it."""
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: str):
+  """Holds an flock on `workdir/.lock` so two runs never interleave checkpoints and metrics.
+
+  The kernel drops the lock when the holder dies, so a killed run leaves no stale lock behind.
+  """
+  if jax.process_index() != 0:  # one holder per run; other processes follow process 0
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, '.lock'), 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      raise WorkdirBusyError(f'another run (pid {f.read().strip() or "?"}) is using {workdir}; '
+                             'stop it first or pick another --workdir') from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -200,6 +228,11 @@ class _MetricsBuffer:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+  with exclusive_workdir(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
   validate_config(config, mesh.size)
   data_sharding = NamedSharding(mesh, P('data'))

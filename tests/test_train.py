@@ -183,3 +183,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
                                                 _abstract(first))
   assert meta == {'step': 1} and int(restored.step) == 1
   assert 'step 2 is unreadable' in caplog.text
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
+  with train.exclusive_workdir(str(tmp_path)):
+    with pytest.raises(train.WorkdirBusyError, match=f'pid {os.getpid()}'):
+      train.train_and_evaluate(cifar_tiny.get_config(), str(tmp_path))
+  with train.exclusive_workdir(str(tmp_path)):  # released on exit: usable again
+    pass
