@@ -17,26 +17,40 @@ STEPS_PER_EPOCH = 10 * conftest.TRAIN_PER_CLASS // 16
 EPOCHS = 3
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 
-# Runs launch.py in-process after wrapping checkpointing.save so that, right after saving step
-# KILL_AT_STEP, the process sends itself KILL_SIGNAL (default SIGKILL): a signal at an exact,
-# reproducible point.
-_SIGNALLING_LAUNCHER = '''
+# Each launcher patches one hook of the package, then runs launch.py in-process.
+_HEADER = '''
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
+'''
+_RUN_LAUNCH = '''
+sys.argv = ['launch.py'] + sys.argv[1:]
+runpy.run_path(os.path.join({repo!r}, 'launch.py'), run_name='__main__')
+'''
+
+# SIGKILL right after saving step KILL_AT_STEP: a kill at an exact, reproducible point.
+_KILLING_LAUNCHER = _HEADER + '''
 from hybrid_flax import checkpointing
 _save = checkpointing.save
 def save(manager, state, meta):
   out = _save(manager, state, meta)
   if meta['step'] == int(os.environ['KILL_AT_STEP']):
-    if os.environ.get('KILL_MODE') == 'after_write':
+    if os.environ['KILL_MODE'] == 'after_write':
       manager.wait_until_finished()
-    # Otherwise ('mid_write') the async write may still be in flight.
-    os.kill(os.getpid(), getattr(signal, os.environ.get('KILL_SIGNAL', 'SIGKILL')))
+    os.kill(os.getpid(), signal.SIGKILL)  # 'mid_write': the async write may be in flight
   return out
 checkpointing.save = save
-sys.argv = ['launch.py'] + sys.argv[1:]
-runpy.run_path(os.path.join({repo!r}, 'launch.py'), run_name='__main__')
-'''
+''' + _RUN_LAUNCH
+
+# SIGTERM right after the metrics of step TERM_AT_STEP are written: between checkpoints.
+_TERM_LAUNCHER = _HEADER + '''
+from hybrid_flax import metric_writer
+_write = metric_writer.MetricWriter.write
+def write(self, record):
+  _write(self, record)
+  if record.get('step') == int(os.environ['TERM_AT_STEP']):
+    os.kill(os.getpid(), signal.SIGTERM)
+metric_writer.MetricWriter.write = write
+''' + _RUN_LAUNCH
 
 
 def _launch(workdir, data_dir, *extra, env=None, launcher=None):
@@ -100,7 +114,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(reference_run, tiny_dat
                                                          tmp_path, mode):
   kill_at = STEPS_PER_EPOCH + 1  # mid-epoch 2; the tiny config checkpoints every 2 steps
   assert kill_at % 2 == 0
-  launcher = _SIGNALLING_LAUNCHER.format(repo=REPO)
+  launcher = _KILLING_LAUNCHER.format(repo=REPO)
   killed = _launch(tmp_path, tiny_data_dir, launcher=launcher,
                    env={'KILL_AT_STEP': str(kill_at), 'KILL_MODE': mode})
   assert killed.returncode == -9, killed.stderr[-4000:]
@@ -141,22 +155,6 @@ def test_missing_dataset_stops_at_once_with_import_instructions(tmp_path):
 def test_bad_config_is_one_clear_error(tmp_path, tiny_data_dir, override, message):
   proc = _launch(tmp_path, tiny_data_dir, override)
   assert proc.returncode != 0 and message in proc.stderr
-
-
-# SIGTERM right after the metrics of step TERM_AT_STEP are written: between checkpoints.
-_TERM_LAUNCHER = '''
-import os, runpy, signal, sys
-sys.path.insert(0, {repo!r})
-from hybrid_flax import metric_writer
-_write = metric_writer.MetricWriter.write
-def write(self, record):
-  _write(self, record)
-  if record.get('step') == int(os.environ['TERM_AT_STEP']):
-    os.kill(os.getpid(), signal.SIGTERM)
-metric_writer.MetricWriter.write = write
-sys.argv = ['launch.py'] + sys.argv[1:]
-runpy.run_path(os.path.join({repo!r}, 'launch.py'), run_name='__main__')
-'''
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_continues(
