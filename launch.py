@@ -5,6 +5,7 @@ r"""Trains a hybrid-flax model.
 Rerunning the same command with the same --workdir resumes from the latest checkpoint there.
 """
 
+import logging as std_logging
 import sys
 
 import jax
@@ -25,7 +26,8 @@ flags.mark_flags_as_required(['config'])
 
 def _quiet_orbax(record) -> bool:
   # Orbax logs every step of every save at INFO; keep its warnings and errors only.
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+  # record.levelno is a standard level: absl's logging.WARNING (1) would let everything through.
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):

@@ -81,7 +81,9 @@ def _read_checked(reader, name: str, source: str) -> bytes:
     with Image.open(io.BytesIO(data)) as img:
       img.load()
       size, mode = img.size, img.mode
-  except Exception as e:  # Pillow raises many types for undecodable data
+  except Image.UnidentifiedImageError as e:
+    raise SourceError(f'{source}: {name} is not a decodable image (unknown format)') from e
+  except Exception as e:  # Pillow raises many types for truncated or corrupt data
     raise SourceError(f'{source}: {name} is not a decodable image ({e})') from e
   if size != (32, 32) or mode != 'RGB':
     raise SourceError(f'{source}: {name} is {size[0]}x{size[1]} {mode}, CIFAR-10 images are '

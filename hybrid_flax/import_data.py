@@ -48,9 +48,35 @@ def import_source(source: str, data_dir: str | None = None, overwrite: bool = Fa
     logging.info('%s is already prepared in %s (pass --overwrite to rebuild)', builder.name,
                  builder.data_dir)
     return builder.name
+  # TFDS builds into a temporary folder and renames it on success, but leaves the empty folders
+  # it made on the way: a failed import removes what it created and puts back what it replaced.
+  root = os.path.dirname(os.path.dirname(builder.data_dir))
+  made = [p for p in (os.path.join(root, builder.name), os.path.join(root, 'downloads'), root)
+          if not os.path.exists(p)]
+  previous = None
   if builder.is_prepared():
-    shutil.rmtree(builder.data_dir)
+    previous = builder.data_dir + '.previous'
+    shutil.rmtree(previous, ignore_errors=True)
+    os.rename(builder.data_dir, previous)
+  try:
+    _build(builder, source, official)
+  except BaseException:
+    for path in made:
+      shutil.rmtree(path, ignore_errors=True)
+    if previous:
+      shutil.rmtree(builder.data_dir, ignore_errors=True)
+      os.rename(previous, builder.data_dir)
+    raise
+  if previous:
+    shutil.rmtree(previous)
+  logging.info('Imported %s into %s: %s', source, builder.data_dir,
+               {k: v.num_examples for k, v in builder.info.splits.items()})
+  return builder.name
 
+
+def _build(builder, source: str, official: bool) -> None:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from hybrid_flax import cifar10_folder  # pylint: disable=g-import-not-at-top
   if official:
     # TFDS looks in manual_dir for a file named as in its download URL and checks its checksum.
     with tempfile.TemporaryDirectory() as manual_dir:
@@ -65,9 +91,6 @@ def import_source(source: str, data_dir: str | None = None, overwrite: bool = Fa
             'zip instead)') from e
   else:
     builder.download_and_prepare()
-  logging.info('Imported %s into %s: %s', source, builder.data_dir,
-               {k: v.num_examples for k, v in builder.info.splits.items()})
-  return builder.name
 
 
 def main(argv):

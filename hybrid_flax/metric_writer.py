@@ -1,4 +1,8 @@
-"""Metrics as JSON lines in the workdir (process 0 only), echoed to the log."""
+"""Metrics as JSON lines and TensorBoard events in the workdir (process 0 only), echoed to the log.
+
+`metrics.jsonl` is the record the tools read; the event files under `workdir/tensorboard` are for
+`tensorboard --logdir`. Both are flushed on every write, so a killed run loses no logged metric.
+"""
 
 import json
 import math
@@ -7,12 +11,22 @@ import os
 import jax
 from absl import logging
 
+TENSORBOARD_DIR = 'tensorboard'
+
 
 class MetricWriter:
 
-  def __init__(self, workdir: str, filename: str = 'metrics.jsonl'):
+  def __init__(self, workdir: str, start_step: int = 0, filename: str = 'metrics.jsonl'):
     self.path = os.path.join(workdir, filename)
     self.enabled = jax.process_index() == 0
+    self._tb = None
+    if self.enabled:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      # A resumed run replays the steps after its checkpoint; purge_step hides the killed run's
+      # events from there on, so each curve in TensorBoard is drawn once.
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
+                                            purge_step=start_step + 1 if start_step else None,
+                                            flush_secs=10)
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -20,7 +34,16 @@ class MetricWriter:
     record = {k: _plain(v) for k, v in record.items()}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+    step, kind = record.get('step'), record.get('kind', 'metrics')
+    for key, value in record.items():
+      if key not in ('step', 'kind') and isinstance(value, (int, float)):
+        self._tb.add_scalar(f'{kind}/{key}', value, global_step=step)
+    self._tb.flush()
     logging.info('%s', ' '.join(f'{k}={_fmt(v)}' for k, v in record.items()))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
 
 
 def _plain(v):

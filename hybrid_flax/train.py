@@ -157,12 +157,24 @@ def eval_step(state: TrainState, batch):
   }
 
 
-def evaluate(eval_fn, state, images, labels, batch_size, sharding) -> dict[str, float]:
+def evaluate(eval_fn, state, images, labels, batch_size, sharding,
+             progress: bool = False) -> dict[str, float]:
   totals = None
-  for batch in input_pipeline.to_device(
-      input_pipeline.eval_batches(images, labels, batch_size), sharding):
+  batches = input_pipeline.to_device(
+      input_pipeline.eval_batches(images, labels, batch_size), sharding)
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    # Counted in images so the bar's rate reads img/s; leave=False keeps the train bar on top.
+    bar = tqdm.tqdm(total=len(images), unit='img', desc='eval', leave=False, mininterval=2.0,
+                    dynamic_ncols=True)
+  for batch in batches:
     out = eval_fn(state, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if progress:
+      jax.block_until_ready(out)
+      bar.update(min(batch_size, len(images) - bar.n))
+  if progress:
+    bar.close()
   totals = jax.device_get(totals)
   return {'test_loss': float(totals['loss_sum'] / totals['count']),
           'test_accuracy': float(totals['correct'] / totals['count']),
@@ -291,7 +303,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
                      out_shardings=(replicated, replicated), donate_argnums=0)
   eval_fn = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
                     out_shardings=replicated)
-  writer = metric_writer.MetricWriter(workdir)
+  writer = metric_writer.MetricWriter(workdir, start_step)
   buffer = _MetricsBuffer()
 
   def checkpoint(step):
@@ -346,7 +358,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         if epoch % config.eval_every_epochs == 0 or step == total_steps:
           eval_start = time.time()
           record.update(evaluate(eval_fn, state, test_images, test_labels,
-                                 config.eval_batch_size, data_sharding))
+                                 config.eval_batch_size, data_sharding,
+                                 progress=progress is not None))
           record['eval_seconds'] = time.time() - eval_start
         writer.write(record)
         # The epoch record consumed the pending steps; evaluation time is not training time.
@@ -363,7 +376,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   if start_step == total_steps:
     logging.info('Training already finished at step %d.', total_steps)
     writer.write({'kind': 'final', 'step': total_steps, **evaluate(
-        eval_fn, state, test_images, test_labels, config.eval_batch_size, data_sharding)})
+        eval_fn, state, test_images, test_labels, config.eval_batch_size, data_sharding,
+        progress=config.progress_bar and is_main)})
+  writer.close()
   return state
 
 

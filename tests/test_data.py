@@ -55,8 +55,7 @@ def test_import_from_a_folder(tmp_path, tiny_zip):
 
 
 def _no_dataset_left(data_dir):
-  return not os.path.exists(os.path.join(data_dir, 'cifar10_folder', '1.0.0',
-                                         'dataset_info.json'))
+  return not os.path.exists(data_dir)  # it did not exist before the import
 
 
 @pytest.mark.parametrize('case, match', [
@@ -66,6 +65,7 @@ def _no_dataset_left(data_dir):
     ('no_test_split', 'no images found under test'),
     ('undecodable', 'cifar10/train/cat/9999.jpg is not a decodable image'),
     ('wrong_size', '9999.jpg is 64x64 RGB'),
+    ('truncated_image', 'cifar10/test/dog/0001.jpg is not a decodable image'),
 ])
 def test_bad_import_sources_fail_clearly_and_leave_nothing(tmp_path, tiny_zip, case, match):
   src = tmp_path / 'src.zip'
@@ -84,10 +84,26 @@ def test_bad_import_sources_fail_clearly_and_leave_nothing(tmp_path, tiny_zip, c
     buf = io.BytesIO()
     Image.new('RGB', (64, 64)).save(buf, format='JPEG')
     conftest.write_cifar_zip(src, 1, 1, extra={'cifar10/test/dog/9999.jpg': buf.getvalue()})
+  elif case == 'truncated_image':
+    data = conftest.class_image(5, 1)
+    conftest.write_cifar_zip(src, 1, 1, extra={'cifar10/test/dog/0001.jpg': data[:len(data) // 2]})
   data_dir = str(tmp_path / 'tfds')
   with pytest.raises(cifar10_folder.SourceError, match=match):
     import_data.import_source(str(src), data_dir)
   assert _no_dataset_left(data_dir)
+
+
+def test_failed_overwrite_keeps_the_previous_data_set(tmp_path, tiny_zip):
+  data_dir = str(tmp_path / 'tfds')
+  import_data.import_source(tiny_zip, data_dir)
+  before = input_pipeline.load_split('cifar10_folder', 'test', data_dir)
+  bad = conftest.write_cifar_zip(tmp_path / 'bad.zip', 1, 1,
+                                 extra={'cifar10/train/cat/9999.jpg': b'not an image'})
+  with pytest.raises(cifar10_folder.SourceError, match='9999.jpg is not a decodable image'):
+    import_data.import_source(bad, data_dir, overwrite=True)
+  after = input_pipeline.load_split('cifar10_folder', 'test', data_dir)
+  np.testing.assert_array_equal(before[0], after[0])
+  assert sorted(os.listdir(os.path.join(data_dir, 'cifar10_folder'))) == ['1.0.0']
 
 
 def test_official_archive_goes_through_tfds_checksum_verification(tmp_path):

@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import cifar_tiny
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,13 +55,17 @@ metric_writer.MetricWriter.write = write
 ''' + _RUN_LAUNCH
 
 
-def _launch(workdir, data_dir, *extra, env=None, launcher=None):
-  args = ['--config', os.path.join(REPO, 'configs/cifar_tiny.py'), '--workdir', str(workdir),
+def _launch_args(data_dir, *extra):
+  return ['--config', os.path.join(REPO, 'configs/cifar_tiny.py'),
           '--config.dataset=cifar10_folder', f'--config.data_dir={data_dir}',
           f'--config.num_epochs={EPOCHS}', '--config.model.dropout=0.1',
           '--config.progress_bar=False', *extra]
+
+
+def _launch(workdir, data_dir, *extra, env=None, launcher=None):
   cmd = [sys.executable] + (['-c', launcher] if launcher else [os.path.join(REPO, 'launch.py')])
-  return subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=REPO,
+  return subprocess.run(cmd + _launch_args(data_dir, *extra) + ['--workdir', str(workdir)],
+                        capture_output=True, text=True, timeout=300, cwd=REPO,
                         env={**os.environ, **(env or {})}, check=False)
 
 
@@ -78,8 +84,10 @@ def _final_params(workdir):
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory, tiny_data_dir):
   workdir = tmp_path_factory.mktemp('reference')
+  start = time.time()
   proc = _launch(workdir, tiny_data_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
+  proc.wall_seconds = time.time() - start
   return workdir, proc
 
 
@@ -97,6 +105,26 @@ def test_launch_trains_evaluates_and_checkpoints(reference_run):
   assert steps[-1] == TOTAL_STEPS and len(steps) == 3  # keep_checkpoints
   assert 'No checkpoint' in proc.stderr
   assert json.load(open(workdir / 'config.json'))['dataset'] == 'cifar10_folder'
+
+
+def _tensorboard_scalars(workdir):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  # test extra: reads events
+  scalars = {}
+  for path in (workdir / 'tensorboard').iterdir():
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_tensorboard_events_mirror_the_metrics_file(reference_run):
+  workdir, _ = reference_run
+  scalars = _tensorboard_scalars(workdir)
+  for record in _metrics(workdir):
+    for key in ('train_loss', 'test_accuracy', 'learning_rate', 'steps_per_sec'):
+      if key in record:
+        assert scalars[f'{record["kind"]}/{key}'][record['step']] == pytest.approx(record[key])
+  assert len(scalars['epoch/test_accuracy']) == EPOCHS
 
 
 def test_rerunning_a_finished_run_only_evaluates(reference_run, tiny_data_dir):
@@ -182,3 +210,20 @@ def test_diverging_loss_stops_naming_the_step_and_keeps_good_checkpoints(tiny_da
   for s in steps:
     state = ocp.StandardCheckpointer().restore(str(tmp_path / 'checkpoints' / str(s) / 'state'))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_random_sigkills_anywhere_leave_the_final_state_unchanged(reference_run, tiny_data_dir,
+                                                                 tmp_path):
+  workdir, proc = reference_run
+  args = _launch_args(tiny_data_dir)
+  every = cifar_tiny.get_config().checkpoint_every_steps
+  writes = sum(1 for s in range(1, TOTAL_STEPS + 1) if s % every == 0 or s % STEPS_PER_EPOCH == 0)
+  check = subprocess.run(
+      [sys.executable, '-m', 'hybrid_flax.kill_anywhere', '--workdir', str(tmp_path),
+       '--kills=4', '--seed=3', f'--reference={workdir}',
+       f'--max_delay={proc.wall_seconds:.1f}', f'--max_writes={writes}', '--', *args],
+      capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
+  assert check.returncode == 0, check.stdout + check.stderr[-3000:]
+  assert 'IDENTICAL to the uninterrupted run' in check.stdout
+  kills = int(check.stdout.split(' kills (')[0].split()[-1])
+  assert kills >= 1, check.stdout
