@@ -29,6 +29,10 @@ IMPORT_HINT = (
     'then pass --config.dataset=<name> (and --config.data_dir=DIR if you imported into one).')
 
 
+# Official CIFAR-10 from TFDS, and the builder for imported image copies (cifar10_folder.NAME).
+KNOWN_DATASETS = ('cifar10', 'cifar10_folder')
+
+
 class DatasetUnavailableError(RuntimeError):
   """The requested TFDS data set is not prepared in the data dir."""
 
@@ -50,6 +54,10 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
+    if dataset not in KNOWN_DATASETS:
+      raise DatasetUnavailableError(
+          f'unknown data set {dataset!r}: TFDS has no such data set and none was imported under '
+          f'that name in {where} (CIFAR-10 is {" or ".join(map(repr, KNOWN_DATASETS))})') from None
     raise DatasetUnavailableError(
         f'TFDS data set {dataset!r} is not prepared in {where}.\n{IMPORT_HINT}') from None
   if not builder.is_prepared():

@@ -130,6 +130,8 @@ def test_missing_dataset_says_how_to_import(tmp_path):
     input_pipeline.load_split('cifar10_folder', 'train', str(tmp_path))
   with pytest.raises(input_pipeline.DatasetUnavailableError, match='not prepared'):
     input_pipeline.load_split('cifar10', 'train', str(tmp_path))
+  with pytest.raises(input_pipeline.DatasetUnavailableError, match="unknown data set 'cifar11'"):
+    input_pipeline.load_split('cifar11', 'train', str(tmp_path))
 
 
 _READ_WITHOUT_TF = '''

@@ -178,11 +178,16 @@ def test_missing_dataset_stops_at_once_with_import_instructions(tmp_path):
 @pytest.mark.parametrize('override, message', [
     ('--config.batch_size=18', 'batch_size=18 must be a positive multiple of the 4 devices'),
     ('--config.learning_rate=-1', 'learning_rate must be positive'),
-    ('--config.learnig_rate=0.1', 'learnig_rate'),
+    ('--config.learnig_rate=0.1',
+     'error: bad config override: \'learnig_rate\' Did you mean "learning_rate"'),
+    ('--config.model.num_heads=3', 'is not divisible by model.num_heads=3'),
+    ('--config.dataset=cifar11', "error: unknown data set 'cifar11'"),
+    ('--config=configs/nope.py', 'error: cannot load the --config file: OSError'),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, tiny_data_dir, override, message):
   proc = _launch(tmp_path, tiny_data_dir, override)
-  assert proc.returncode != 0 and message in proc.stderr
+  assert proc.returncode != 0 and message in proc.stderr.splitlines()[-1]
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'checkpoints').exists()
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_continues(
