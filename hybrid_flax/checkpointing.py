@@ -16,6 +16,11 @@ def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   )
 
 
+def open_read_only(directory: str) -> ocp.CheckpointManager:
+  # The tools read a run that may still be training: they must never create, save or delete.
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
 def save(manager: ocp.CheckpointManager, state, meta: dict) -> bool:
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():

@@ -16,9 +16,10 @@ from collections.abc import Iterator
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from hybrid_flax import input_pipeline
+
 NAME = 'cifar10_folder'
-CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
-           'truck')
+CLASSES = input_pipeline.CIFAR10_CLASSES
 SPLITS = ('train', 'test')
 _IMAGE_RE = re.compile(r'(?:^|/)(train|test)/([^/]+)/([^/]+\.(?:png|jpe?g))$', re.IGNORECASE)
 

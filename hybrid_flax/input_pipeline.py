@@ -16,6 +16,10 @@ import jax
 import numpy as np
 from absl import logging
 
+# CIFAR-10's label order (TFDS's `cifar10` and our `cifar10_folder` both use it).
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                   'ship', 'truck')
+IMAGE_SHAPE = (32, 32, 3)
 # Per-channel mean/std of the CIFAR-10 training set, in [0, 1] units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

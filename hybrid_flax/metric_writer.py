@@ -46,6 +46,34 @@ class MetricWriter:
       self._tb.close()
 
 
+def read_metrics(workdir: str, filename: str = 'metrics.jsonl') -> list[dict]:
+  """The run's records in step order, each (kind, step) once.
+
+  A resumed run rewrites the records logged after its checkpoint; the later copy wins. NaN and
+  infinities, stored as strings, come back as floats.
+  """
+  path = os.path.join(workdir, filename)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: pass the --workdir of a launch.py run')
+  latest = {}
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        # A run killed mid-write can leave a torn last line; anything else is damage to report.
+        logging.warning('%s:%d is not a JSON record; skipped', path, number)
+        continue
+      record = {k: float(v) if v in _NON_FINITE else v for k, v in record.items()}
+      latest[(record.get('kind'), record.get('step'))] = record
+  return sorted(latest.values(), key=lambda r: (r.get('step') or 0))
+
+
+_NON_FINITE = ('nan', '-nan', 'inf', '-inf')
+
+
 def _plain(v):
   if hasattr(v, 'item'):
     v = v.item()

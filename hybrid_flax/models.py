@@ -61,7 +61,9 @@ class AttentionBlock(nn.Module):
     attn = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype, name='mhsa'
     )
-    x = attn(x) + x
+    # sow_weights records the (B, heads, HW, HW) weights only when the caller makes
+    # 'intermediates' mutable (the attention-map tool); training never pays for it.
+    x = attn(x, sow_weights=True) + x
     if self.embed:
       x = nn.Dense(c, dtype=self.dtype, name='embed_out')(x)
     return x.reshape(b, h, w, c)

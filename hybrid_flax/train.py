@@ -118,6 +118,18 @@ def create_train_state(rng, model, tx, image_shape) -> TrainState:
                            batch_stats=variables['batch_stats'], rng=dropout_rng)
 
 
+def state_factory(config, steps_per_epoch: int, image_shape, sharding):
+  """Returns (learning_rate_fn, init(rng) -> TrainState, the abstract state to restore into)."""
+  model = models.create_model(config.model)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  tx = create_optimizer(config, learning_rate_fn)
+  init = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape)
+  abstract_state = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
+  return learning_rate_fn, init, abstract_state
+
+
 def preprocess(images: jax.Array) -> jax.Array:
   mean = jnp.asarray(input_pipeline.CIFAR10_MEAN) * 255.0
   std = jnp.asarray(input_pipeline.CIFAR10_STD) * 255.0
@@ -261,15 +273,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
                      'examples')
   total_steps = config.num_epochs * steps_per_epoch
 
-  model = models.create_model(config.model)
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  tx = create_optimizer(config, learning_rate_fn)
-  init = functools.partial(create_train_state, model=model, tx=tx,
-                           image_shape=train_images.shape[1:])
+  learning_rate_fn, init, abstract_state = state_factory(config, steps_per_epoch,
+                                                         train_images.shape[1:], replicated)
   rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      jax.eval_shape(init, rng))
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'),

@@ -1,0 +1,112 @@
+"""A trained run loaded from its workdir, for the tools: class probabilities and attention weights.
+
+The run's `config.json` rebuilds the model; the latest readable checkpoint supplies its
+parameters and batch statistics (read-only: a run still training is never disturbed).
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hybrid_flax import checkpointing
+from hybrid_flax import input_pipeline
+from hybrid_flax import models
+from hybrid_flax import train
+
+
+class RunNotFoundError(RuntimeError):
+  """The workdir holds no config or no readable checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  workdir: str
+  config: ml_collections.ConfigDict
+  model: models.HybridNet
+  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}
+  step: int
+
+
+def tool_parser(doc: str, prog: str) -> argparse.ArgumentParser:
+  """The tools' common command line: argparse (not absl flags, whose global registry would
+  clash between tools imported into one process, such as the tests)."""
+  parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='the launch.py run to read')
+  return parser
+
+
+def cli(main):
+  """Wraps a tool's main: bad input ends it with one 'error: ...' line and exit status 1."""
+  @functools.wraps(main)
+  def wrapped(argv=None):
+    try:
+      return main(argv)
+    except (RunNotFoundError, input_pipeline.DatasetUnavailableError, FileNotFoundError,
+            ValueError) as e:
+      sys.exit(f'error: {e}')
+  return wrapped
+
+
+def load_run(workdir: str) -> Run:
+  config_path = os.path.join(workdir, 'config.json')
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  if not os.path.isfile(config_path) or not os.path.isdir(checkpoint_dir):
+    raise RunNotFoundError(f'{workdir} holds no training run (no config.json or checkpoints/): '
+                           'pass the --workdir of a launch.py run')
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
+  # The schedule's length does not change the state's structure, so any steps_per_epoch will do.
+  _, _, abstract_state = train.state_factory(config, 1, input_pipeline.IMAGE_SHAPE, replicated)
+  manager = checkpointing.open_read_only(checkpoint_dir)
+  try:
+    state, _ = checkpointing.restore_latest(manager, abstract_state)
+  finally:
+    manager.close()
+  if state is None:
+    raise RunNotFoundError(f'{checkpoint_dir} holds no readable checkpoint')
+  return Run(workdir=workdir, config=config, model=models.create_model(config.model),
+             variables={'params': state.params, 'batch_stats': state.batch_stats},
+             step=int(state.step))
+
+
+def predict_logits(run: Run, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+  """Logits [N, classes] for uint8 images [N, 32, 32, 3], batches sharded over all devices."""
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  apply = jax.jit(
+      lambda variables, x: run.model.apply(variables, train.preprocess(x), train=False),
+      in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))))
+  labels = np.zeros(len(images), np.int32)
+  out = []
+  for batch in input_pipeline.eval_batches(images, labels, batch_size):
+    logits = np.asarray(apply(run.variables, batch['image']))
+    out.append(logits[batch['mask'] > 0])
+  return np.concatenate(out) if out else np.zeros((0, run.model.num_classes), np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.exp(logits - logits.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def attention_weights(run: Run, images: np.ndarray) -> dict[str, np.ndarray]:
+  """{block name: weights [N, heads, queries, keys]} of each attention block, in order."""
+  if not run.config.model.attention:
+    raise ValueError(f'the model of {run.workdir} has no attention blocks (model.attention=False)')
+  _, state = jax.jit(lambda v, x: run.model.apply(v, train.preprocess(x), train=False,
+                                                  mutable=['intermediates']))(
+                                                      run.variables, images)
+  inter = state['intermediates']
+  return {name: np.asarray(inter[name]['mhsa']['attention_weights'][0])
+          for name in sorted(inter) if name.startswith('attention')}
