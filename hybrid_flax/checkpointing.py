@@ -1,5 +1,7 @@
 """Orbax checkpoints of the train state plus a JSON record of where the input stream stands."""
 
+import logging as std_logging
+
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -16,8 +18,17 @@ def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   )
 
 
+def _not_read_only_notice(record) -> bool:
+  # Orbax warns, at every open, that a read-only manager will not save: that is the point.
+  message = record.getMessage()
+  return 'read_only=True' not in message and 'is read only' not in message
+
+
 def open_read_only(directory: str) -> ocp.CheckpointManager:
   # The tools read a run that may still be training: they must never create, save or delete.
+  absl_logger = std_logging.getLogger('absl')
+  if _not_read_only_notice not in absl_logger.filters:
+    absl_logger.addFilter(_not_read_only_notice)
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
 
 

@@ -83,16 +83,16 @@ def load_run(workdir: str) -> Run:
 def predict_logits(run: Run, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
   """Logits [N, classes] for uint8 images [N, 32, 32, 3], batches sharded over all devices."""
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  batch_size = -(-batch_size // mesh.size) * mesh.size
   apply = jax.jit(
       lambda variables, x: run.model.apply(variables, train.preprocess(x), train=False),
       in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))))
-  labels = np.zeros(len(images), np.int32)
-  out = []
-  for batch in input_pipeline.eval_batches(images, labels, batch_size):
-    logits = np.asarray(apply(run.variables, batch['image']))
-    out.append(logits[batch['mask'] > 0])
-  return np.concatenate(out) if out else np.zeros((0, run.model.num_classes), np.float32)
+  out = [np.zeros((0, run.model.num_classes), np.float32)]
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = -len(chunk) % mesh.size  # every device takes an equal share
+    padded = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(apply(run.variables, padded))[:len(chunk)])
+  return np.concatenate(out)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
