@@ -5,7 +5,8 @@ r"""What the attention blocks look at: their weights over the image, for a few t
 One row per image (the first test image of each class, in class order): the image with its
 true and predicted class, then each attention block's map overlaid on it. A block's map is the
 attention each spatial position receives, averaged over heads and query positions (1 = uniform),
-so it shows where the block gathers information from.
+so it shows where the block gathers information from. Colours are scaled per panel; the
+printed range gives the absolute spread.
 """
 
 import os
