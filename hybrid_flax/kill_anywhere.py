@@ -6,10 +6,11 @@ r"""Kill-anywhere check: SIGKILL a training run at random moments, rerun it, com
 Everything after `--` is passed to launch.py. The check first trains an uninterrupted reference
 run (BASE/reference; or reuses a finished one given with --reference), then runs the same
 command in BASE/killed, SIGKILLing it `--kills` times and restarting it with the same command
-each time until it finishes. Each kill is either after a random delay within the reference run's
-wall time (start-up, compilation, training, evaluation, checkpointing: anywhere), or during the
-n-th checkpoint write of that start (n random), while Orbax's temporary folder exists. It then compares the
-two final checkpoints (params, batch_stats, optimizer state, step, rng) bit for bit and exits
+each time until it finishes. Each kill is either after a random delay (start-up, compilation,
+training, evaluation, checkpointing: anywhere), or during the n-th checkpoint write of that
+start (n random), while Orbax's temporary folder exists; both are drawn within the share of the
+reference run's wall time and writes that the killed run has left. It then compares the two
+final checkpoints (params, batch_stats, optimizer state, step, rng) bit for bit and exits
 non-zero unless they are identical.
 """
 
@@ -84,7 +85,7 @@ def _run(launch_args, workdir, log_path) -> tuple[float, int]:
   return time.time() - start, len(seen)
 
 
-def run_with_kills(launch_args, workdir, logs_dir, kills, max_delay, max_writes,
+def run_with_kills(launch_args, workdir, logs_dir, kills, max_delay, max_writes, final_step,
                    rng) -> list[dict]:
   """Runs to completion, SIGKILLing `kills` times; returns one record per attempt."""
   attempts = []
@@ -92,7 +93,11 @@ def run_with_kills(launch_args, workdir, logs_dir, kills, max_delay, max_writes,
     i = len(attempts)
     log_path = os.path.join(logs_dir, f'attempt-{i:02d}.log')
     mode = 'none' if i >= kills else rng.choice(('random', 'checkpoint_write'))
-    delay, nth_write = rng.uniform(0.0, max_delay), rng.randint(1, max_writes)
+    # Aim within what is left of the run: a kill planned past its end would never happen, and
+    # the run would finish with fewer kills than asked for.
+    left = max(final_step - (_checkpoint_steps(workdir) or [0])[-1], 1) / final_step
+    delay = rng.uniform(0.0, max_delay * left)
+    nth_write = rng.randint(1, max(1, round(max_writes * left)))
     start, stale, seen = time.time(), _writes_in_progress(workdir), set()
     with open(log_path, 'w') as log:
       proc = subprocess.Popen(_command(launch_args, workdir), stdout=log,
@@ -111,7 +116,8 @@ def run_with_kills(launch_args, workdir, logs_dir, kills, max_delay, max_writes,
         time.sleep(0.002)
     with open(log_path) as f:
       resumed = re.findall(r'Resumed from step (\d+)', f.read())
-    record = {'attempt': i, 'mode': mode if mode != 'checkpoint_write' else f'write#{nth_write}', 'killed': killed,
+    record = {'attempt': i, 'mode': f'write#{nth_write}' if mode == 'checkpoint_write' else mode,
+              'killed': killed,
               'seconds': round(time.time() - start, 2), 'mid_write': mid_write,
               'resumed_from': int(resumed[0]) if resumed else None,
               'checkpoints_after': _checkpoint_steps(workdir)}
@@ -168,7 +174,8 @@ def main(argv):
     raise app.UsageError('--max_delay and --max_writes are needed with --reference')
 
   attempts = run_with_kills(launch_args, killed_dir, logs_dir, _KILLS.value, max_delay,
-                            max(max_writes, 1), random.Random(_SEED.value))
+                            max(max_writes, 1), _checkpoint_steps(reference)[-1],
+                            random.Random(_SEED.value))
   kills = [a for a in attempts if a['killed']]
   differ = compare(reference, killed_dir)
   print(f'{len(kills)} kills ({sum(a["mid_write"] for a in kills)} during a checkpoint write), '
