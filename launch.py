@@ -9,9 +9,7 @@ under SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, which jax.distributed reads by
 """
 
 import logging as std_logging
-import os
 import sys
-import threading
 
 import jax
 from absl import app
@@ -19,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hybrid_flax import distributed
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
 
@@ -69,52 +68,6 @@ def _parse_flags(argv):
     sys.exit(f'error: cannot load the --config file: {type(e).__name__}: {_one_line(str(e))}')
 
 
-def _multiprocess_environment() -> bool:
-  env = os.environ
-  slurm_step = all(v in env for v in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_PROCID',
-                                      'SLURM_LOCALID'))
-  return ('JAX_COORDINATOR_ADDRESS' in env
-          or (slurm_step and int(env.get('SLURM_NTASKS', '1')) > 1)
-          or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1)
-
-
-def _initialize_distributed() -> None:
-  """Starts jax.distributed if asked to; a coordinator nobody reaches is an error, not a hang."""
-  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if _DISTRIBUTED.value == 'off' or (
-      _DISTRIBUTED.value == 'auto' and explicit == (None,) * 3 and
-      not _multiprocess_environment()):
-    return
-  timeout = _COORDINATOR_TIMEOUT.value
-  address = _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS', "the cluster's")
-  unknown = lambda v: '?' if v is None else v  # pylint: disable=unnecessary-lambda-assignment
-  who = f'process {unknown(_PROCESS_ID.value)} of {unknown(_NUM_PROCESSES.value)}'
-
-  def give_up():
-    # JAX's own deadline (set later, below) aborts from C++ with a stack trace; this says why.
-    sys.stderr.write(
-        f'error: jax.distributed did not start within {timeout}s: {who} could not reach the '
-        f'coordinator at {address}, or not all processes joined it. Start every process with '
-        'the same --coordinator_address and --num_processes and its own --process_id, process 0 '
-        'on the coordinator host, and check that the port is reachable from every host.\n')
-    sys.stderr.flush()
-    os._exit(1)  # pylint: disable=protected-access  # the main thread is blocked inside JAX
-
-  watchdog = threading.Timer(timeout, give_up)
-  watchdog.daemon = True
-  logging.info('Starting jax.distributed: %s, coordinator %s (waiting up to %ds).', who, address,
-               timeout)
-  watchdog.start()
-  try:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                               initialization_timeout=timeout + 60)
-  except (ValueError, TypeError, RuntimeError) as e:
-    sys.exit(f'error: cannot start jax.distributed: {_one_line(str(e))}')
-  finally:
-    watchdog.cancel()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -126,7 +79,13 @@ def main(argv):
     sys.exit(f'error: cannot load the --config file: {type(cause).__name__}: '
              f'{_one_line(str(cause).strip().splitlines()[-1])}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  _initialize_distributed()
+  if distributed.wanted(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                       _PROCESS_ID.value):
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             _COORDINATOR_TIMEOUT.value)
+    except distributed.StartError as e:
+      sys.exit(f'error: {e}')
   input_pipeline.hide_gpus_from_tensorflow()
   logging.info('JAX %s, process %d of %d, local devices: %s; %d devices in all.', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count())
