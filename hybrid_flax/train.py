@@ -200,19 +200,30 @@ def evaluate(eval_fn, state, reader, batch_size, sharding,
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint can be saved."""
+  """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint can be saved.
+
+  With several processes all must stop, and checkpoint, at the same step, or the ones still
+  training wait for the others forever: there SIGTERM to any process goes to JAX's preemption
+  service (its own handler, so none is installed here), which names a step all processes reach.
+  """
 
   def __init__(self):
     self.signum = None
     self._previous = {}
+    self._synced = jax.process_count() > 1
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in () if self._synced else (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
         pass
     return self
+
+  def requested(self, step: int) -> bool:
+    if self._synced and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
 
   def _handle(self, signum, frame):
     del frame
@@ -374,7 +385,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         if progress is not None:
           progress.set_postfix(loss=f'{means["loss"]:.3f}', img_s=f'{rate * config.batch_size:.0f}')
         last_log_time, last_log_step = time.time(), step
-      if end_of_epoch or step % config.checkpoint_every_steps == 0 or stop.signum:
+      stopping = stop.requested(step)  # once per step, as JAX's preemption sync asks
+      if end_of_epoch or step % config.checkpoint_every_steps == 0 or stopping:
         checkpoint(step)
       if end_of_epoch:
         buffer.flush(step)
@@ -393,7 +405,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         # The epoch record consumed the pending steps; evaluation time is not training time.
         epoch_start_time, epoch_start_step = time.time(), step
         last_log_time, last_log_step = time.time(), step
-      if stop.signum:
+      if stopping:
         logging.warning('Stopped at step %d on signal %d; rerun the same command to resume.',
                         step, stop.signum)
         break
