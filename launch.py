@@ -3,6 +3,9 @@ r"""Trains a hybrid-flax model.
   python launch.py --config configs/cifar_hybrid.py --workdir runs/hybrid [--config.x=y ...]
 
 Rerunning the same command with the same --workdir resumes from the latest checkpoint there.
+Several processes (one per host, or per GPU) train one model together when each is started with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (process 0 runs on HOST), or
+under SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, which jax.distributed reads by itself.
 """
 
 import logging as std_logging
@@ -14,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hybrid_flax import distributed
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
 
@@ -22,6 +26,22 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics g
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
 flags.mark_flags_as_required(['config'])
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'Start jax.distributed (several processes training one model). auto: when a flag below is '
+    'given or the environment is a multi-process launch (JAX_COORDINATOR_ADDRESS, a SLURM step '
+    'with several tasks, Open MPI); on: always, JAX filling in what the flags leave out from '
+    'SLURM, Open MPI, Kubernetes (needs jax[k8s]) or Cloud TPU; off: never.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT where process 0 serves the coordinator; the same for '
+    'every process (default: $JAX_COORDINATOR_ADDRESS or the cluster\'s).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'How many processes train together.',
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index, 0..num_processes-1.',
+                                   lower_bound=0)
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    'coordinator_timeout', 300, 'Seconds to wait for all processes to reach the coordinator '
+    'before giving up with an error.', lower_bound=1)
 
 
 def _quiet_orbax(record) -> bool:
@@ -59,9 +79,16 @@ def main(argv):
     sys.exit(f'error: cannot load the --config file: {type(cause).__name__}: '
              f'{_one_line(str(cause).strip().splitlines()[-1])}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  if distributed.wanted(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                       _PROCESS_ID.value):
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             _COORDINATOR_TIMEOUT.value)
+    except distributed.StartError as e:
+      sys.exit(f'error: {e}')
   input_pipeline.hide_gpus_from_tensorflow()
-  logging.info('JAX %s, process %d of %d, local devices: %s', jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_devices())
+  logging.info('JAX %s, process %d of %d, local devices: %s; %d devices in all.', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count())
   logging.info('Config:\n%s', config)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)

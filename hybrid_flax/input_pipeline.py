@@ -1,10 +1,12 @@
 """CIFAR-10 from a prepared TFDS data set onto the device mesh.
 
-The split is read once through `tfds.data_source` (array_record, decoded with Pillow: no
-TensorFlow needed at train time) into host memory; CIFAR-10 is 150 MB as uint8. The order of
-training examples is a pure function of (seed, step), so a run resumed from a checkpoint at step
-s sees exactly the batches an uninterrupted run would have seen from step s on. Batches travel as
-uint8 (4x less host->device traffic) and are normalised on the device inside the jitted step.
+Examples are read through `tfds.data_source` (array_record, decoded with Pillow: no TensorFlow
+needed at train time) by index, into host memory, each at most once per process; CIFAR-10 is
+150 MB as uint8. The order of training examples is a pure function of (seed, step), so a run
+resumed from a checkpoint at step s sees exactly the batches an uninterrupted run would have seen
+from step s on, and a global batch is the same whatever the number of processes: each process
+reads only its rows of it (the rows its devices hold). Batches travel as uint8 (4x less
+host->device traffic) and are normalised on the device inside the jitted step.
 """
 
 import collections
@@ -49,9 +51,43 @@ def hide_gpus_from_tensorflow() -> None:
   tf.config.set_visible_devices([], 'GPU')
 
 
-def load_split(dataset: str, split: str, data_dir: str | None = None,
-               chunk: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images uint8 [N,H,W,3], labels int32 [N]) of a prepared TFDS split."""
+class SplitReader:
+  """Random access to a split's examples, each read from disk (and decoded) at most once.
+
+  A process reads only the examples its rows of the global batches need, when it first needs
+  them: in the first epoch its reads are disjoint from every other process's, and over a run it
+  never reads more than the split (what loading the whole split up front would read). The host
+  buffers are allocated untouched, so memory grows only with what was read.
+  """
+
+  def __init__(self, source, image_shape):
+    # `source`: a TFDS data source, or anything with len() and __getitems__(indices).
+    self._source = source
+    n = len(source)
+    self.image_shape = tuple(image_shape)
+    self._images = np.empty((n,) + self.image_shape, np.uint8)
+    self._labels = np.empty((n,), np.int32)
+    self._have = np.zeros((n,), bool)
+    self.num_read = 0
+
+  def __len__(self) -> int:
+    return len(self._have)
+
+  def read(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns {'image', 'label'} of examples `idx`, in that order."""
+    idx = np.asarray(idx)
+    missing = np.unique(idx[~self._have[idx]])  # sorted: sequential reads where they can be
+    if missing.size:
+      records = self._source.__getitems__(missing.tolist())
+      self._images[missing] = np.stack([r['image'] for r in records])
+      self._labels[missing] = [r['label'] for r in records]
+      self._have[missing] = True
+      self.num_read += missing.size
+    return {'image': self._images[idx], 'label': self._labels[idx]}
+
+
+def open_split(dataset: str, split: str, data_dir: str | None = None) -> SplitReader:
+  """A SplitReader over a prepared TFDS split; nothing is read yet."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_dir or None
   where = data_dir or 'the default TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)'
@@ -70,55 +106,70 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
   if split not in builder.info.splits:
     raise DatasetUnavailableError(
         f'{dataset!r} has no split {split!r}; it has {sorted(builder.info.splits)}')
-  source = builder.as_data_source(split=split)
-  n = len(source)
-  images, labels = None, np.empty((n,), np.int32)
-  for start in range(0, n, chunk):
-    records = source.__getitems__(range(start, min(start + chunk, n)))
-    block = np.stack([r['image'] for r in records])
-    if images is None:
-      images = np.empty((n,) + block.shape[1:], np.uint8)
-    images[start:start + len(records)] = block
-    labels[start:start + len(records)] = [r['label'] for r in records]
-  logging.info('Loaded %s[%s]: %d examples from %s', dataset, split, n, builder.data_dir)
-  return images, labels
+  reader = SplitReader(builder.as_data_source(split=split), builder.info.features['image'].shape)
+  logging.info('Opened %s[%s]: %d examples in %s', dataset, split, len(reader), builder.data_dir)
+  return reader
+
+
+def load_split(dataset: str, split: str,
+               data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images uint8 [N,H,W,3], labels int32 [N]): the whole split, in order."""
+  reader = open_split(dataset, split, data_dir)
+  batch = reader.read(np.arange(len(reader)))
+  return batch['image'], batch['label']
+
+
+def process_rows(sharding, batch_size: int) -> np.ndarray:
+  """The rows of a global batch that this process supplies, in its local-data order.
+
+  make_array_from_process_local_data lays a process's data out over the slices its devices hold,
+  in increasing order; reading exactly those rows keeps every global batch, and so the results,
+  independent of how many processes share it.
+  """
+  slices = {idx[0].indices(batch_size)
+            for idx in sharding.addressable_devices_indices_map((batch_size,)).values()}
+  return np.concatenate([np.arange(*s) for s in sorted(slices)])
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng((seed, epoch)).permutation(n)
 
 
-def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
-                  start_step: int, num_steps: int) -> Iterator[dict[str, np.ndarray]]:
-  """Yields this process's part of global batches `start_step` .. `num_steps - 1`.
+def train_batches(reader: SplitReader, *, batch_size: int, seed: int, start_step: int,
+                  num_steps: int, rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+  """Yields rows `rows` of global batches `start_step` .. `num_steps - 1`.
 
   Each epoch is a fresh permutation of the training set (the last partial batch is dropped so
-  every step has the same shape and the step count alone locates a batch).
+  every step has the same shape and the step count alone locates a batch). A global batch is a
+  function of (seed, step) only; each process reads just its rows of it.
   """
-  steps_per_epoch = len(images) // batch_size
-  per_process = batch_size // jax.process_count()
-  lo = jax.process_index() * per_process
+  steps_per_epoch = len(reader) // batch_size
   epoch, perm = -1, None
   for step in range(start_step, num_steps):
     if step // steps_per_epoch != epoch:
       epoch = step // steps_per_epoch
-      perm = epoch_permutation(seed, epoch, len(images))
+      perm = epoch_permutation(seed, epoch, len(reader))
     i = (step % steps_per_epoch) * batch_size
-    idx = np.sort(perm[i + lo:i + lo + per_process])  # sorted: cache-friendly gather
-    yield {'image': images[idx], 'label': labels[idx]}
+    # Sorted over the whole global batch (not per process): the row order, and with it the
+    # summation order on the devices, is the same for any process count.
+    yield reader.read(np.sort(perm[i:i + batch_size])[rows])
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Yields this process's part of every example exactly once; padding has mask 0."""
-  n = len(images)
-  per_process = batch_size // jax.process_count()
-  lo = jax.process_index() * per_process
+def eval_batches(reader: SplitReader, batch_size: int,
+                 rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+  """Yields rows `rows` of global batches covering every example once; padding has mask 0.
+
+  A process's rows are the same at every evaluation, so it reads its share of the split once.
+  """
+  n = len(reader)
   for start in range(0, n, batch_size):
-    idx = np.arange(start + lo, start + lo + per_process)
+    idx = start + rows
     mask = idx < n
-    idx = np.where(mask, idx, 0)
-    yield {'image': images[idx], 'label': labels[idx], 'mask': mask.astype(np.float32)}
+    real = reader.read(idx[mask])  # padding is zeros, not a read of someone else's example
+    batch = {k: np.zeros((len(idx),) + v.shape[1:], v.dtype) for k, v in real.items()}
+    for k, v in real.items():
+      batch[k][mask] = v
+    yield {**batch, 'mask': mask.astype(np.float32)}
 
 
 def to_device(batches, sharding, prefetch: int = 2):

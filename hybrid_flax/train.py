@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hybrid_flax import checkpointing
@@ -43,10 +44,24 @@ def exclusive_workdir(workdir: str):
   """Holds an flock on `workdir/.lock` so two runs never interleave checkpoints and metrics.
 
   The kernel drops the lock when the holder dies, so a killed run leaves no stale lock behind.
+  Process 0 holds it for the whole run; the others learn its outcome, so that all stop together
+  rather than wait for a process that is gone.
   """
-  if jax.process_index() != 0:  # one holder per run; other processes follow process 0
+  with contextlib.ExitStack() as stack:
+    busy = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(_flock(workdir))
+      except WorkdirBusyError as e:
+        busy = e
+    if multihost_utils.broadcast_one_to_all(np.int32(busy is not None)):
+      raise busy or WorkdirBusyError(f'another run is using {workdir} (process 0 found it '
+                                     'locked); stop it first or pick another --workdir')
     yield
-    return
+
+
+@contextlib.contextmanager
+def _flock(workdir: str):
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, '.lock'), 'a+') as f:
     try:
@@ -77,10 +92,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        'checkpoint_every_steps and log_every_steps must be positive'),
       (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
   ]
+  over = f' of {jax.process_count()} processes' if jax.process_count() > 1 else ''
   for name in ('batch_size', 'eval_batch_size'):
     size = config[name]
+    # Global sizes: every device takes an equal share, whatever process it belongs to.
     checks.append((size > 0 and size % num_devices == 0,
-                   f'{name}={size} must be a positive multiple of the {num_devices} devices'))
+                   f'{name}={size} must be a positive multiple of the {num_devices} devices{over}'))
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
@@ -169,22 +186,23 @@ def eval_step(state: TrainState, batch):
   }
 
 
-def evaluate(eval_fn, state, images, labels, batch_size, sharding,
+def evaluate(eval_fn, state, reader, batch_size, sharding,
              progress: bool = False) -> dict[str, float]:
   totals = None
   batches = input_pipeline.to_device(
-      input_pipeline.eval_batches(images, labels, batch_size), sharding)
+      input_pipeline.eval_batches(reader, batch_size,
+                                  input_pipeline.process_rows(sharding, batch_size)), sharding)
   if progress:
     import tqdm  # pylint: disable=g-import-not-at-top
     # Counted in images so the bar's rate reads img/s; leave=False keeps the train bar on top.
-    bar = tqdm.tqdm(total=len(images), unit='img', desc='eval', leave=False, mininterval=2.0,
+    bar = tqdm.tqdm(total=len(reader), unit='img', desc='eval', leave=False, mininterval=2.0,
                     dynamic_ncols=True)
   for batch in batches:
     out = eval_fn(state, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     if progress:
       jax.block_until_ready(out)
-      bar.update(min(batch_size, len(images) - bar.n))
+      bar.update(min(batch_size, len(reader) - bar.n))
   if progress:
     bar.close()
   totals = jax.device_get(totals)
@@ -194,19 +212,30 @@ def evaluate(eval_fn, state, images, labels, batch_size, sharding,
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint can be saved."""
+  """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint can be saved.
+
+  With several processes all must stop, and checkpoint, at the same step, or the ones still
+  training wait for the others forever: there SIGTERM to any process goes to JAX's preemption
+  service (its own handler, so none is installed here), which names a step all processes reach.
+  """
 
   def __init__(self):
     self.signum = None
     self._previous = {}
+    self._synced = jax.process_count() > 1
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in () if self._synced else (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: leave signals alone
         pass
     return self
+
+  def requested(self, step: int) -> bool:
+    if self._synced and multihost_utils.reached_preemption_sync_point(step):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
 
   def _handle(self, signum, frame):
     del frame
@@ -262,31 +291,41 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   data_sharding = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
   is_main = jax.process_index() == 0
+  train_rows = input_pipeline.process_rows(data_sharding, config.batch_size)
+  logging.info('Mesh %s over %d devices in %d processes; process %d feeds rows %d..%d of each '
+               'global batch of %d from its devices %s.', dict(mesh.shape), mesh.size,
+               jax.process_count(), jax.process_index(), train_rows[0], train_rows[-1],
+               config.batch_size, [d.id for d in mesh.local_devices])
 
-  train_images, train_labels = input_pipeline.load_split(
-      config.dataset, config.train_split, config.data_dir)
-  test_images, test_labels = input_pipeline.load_split(
-      config.dataset, config.eval_split, config.data_dir)
-  steps_per_epoch = len(train_images) // config.batch_size
+  train_reader = input_pipeline.open_split(config.dataset, config.train_split, config.data_dir)
+  test_reader = input_pipeline.open_split(config.dataset, config.eval_split, config.data_dir)
+  steps_per_epoch = len(train_reader) // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size={config.batch_size} exceeds the {len(train_images)} training '
+    raise ValueError(f'batch_size={config.batch_size} exceeds the {len(train_reader)} training '
                      'examples')
   total_steps = config.num_epochs * steps_per_epoch
 
   learning_rate_fn, init, abstract_state = state_factory(config, steps_per_epoch,
-                                                         train_images.shape[1:], replicated)
+                                                         train_reader.image_shape, replicated)
   rng = jax.random.PRNGKey(config.seed)
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'),
                                        config.keep_checkpoints)
   run_meta = {'dataset': config.dataset, 'batch_size': config.batch_size, 'seed': config.seed,
-              'num_train_examples': len(train_images), 'steps_per_epoch': steps_per_epoch}
+              'num_train_examples': len(train_reader), 'steps_per_epoch': steps_per_epoch}
   state, meta = checkpointing.restore_latest(manager, abstract_state)
   if state is None:
     state = jax.jit(init, out_shardings=replicated)(rng)
     logging.info('No checkpoint in %s: starting from scratch.', workdir)
   else:
+    # Results do not depend on the process count, but a changed one most likely means a
+    # mistyped launch (a process missing, two jobs mixed up); say so rather than guess.
+    written_by = meta.get('process_count', 1)  # checkpoints that predate the field: 1 process
+    if written_by != jax.process_count():
+      raise ValueError(f'the checkpoint in {workdir} was written by {written_by} process(es) and '
+                       f'this run has {jax.process_count()}; resume with --num_processes='
+                       f'{written_by} or use a new --workdir')
     stale = {k: (meta.get(k), v) for k, v in run_meta.items() if meta.get(k) != v}
     if stale:
       raise ValueError(f'the checkpoint in {workdir} was written with a different input stream '
@@ -314,14 +353,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
 
   def checkpoint(step):
     buffer.flush(step)  # never checkpoint a diverged state
-    checkpointing.save(manager, state, {**run_meta, 'step': step,
-                                        'epoch': step // steps_per_epoch,
+    checkpointing.save(manager, state, {**run_meta, 'process_count': jax.process_count(),
+                                        'step': step, 'epoch': step // steps_per_epoch,
                                         'batch_in_epoch': step % steps_per_epoch})
 
   batches = input_pipeline.to_device(
-      input_pipeline.train_batches(train_images, train_labels, batch_size=config.batch_size,
+      input_pipeline.train_batches(train_reader, batch_size=config.batch_size,
                                    seed=config.seed, start_step=start_step,
-                                   num_steps=total_steps), data_sharding)
+                                   num_steps=total_steps, rows=train_rows), data_sharding)
   progress = _progress(config, is_main, total_steps, start_step, steps_per_epoch)
   last_log_time, last_log_step = time.time(), start_step
   epoch_start_time, epoch_start_step = time.time(), start_step
@@ -352,7 +391,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         if progress is not None:
           progress.set_postfix(loss=f'{means["loss"]:.3f}', img_s=f'{rate * config.batch_size:.0f}')
         last_log_time, last_log_step = time.time(), step
-      if end_of_epoch or step % config.checkpoint_every_steps == 0 or stop.signum:
+      stopping = stop.requested(step)  # once per step, as JAX's preemption sync asks
+      if end_of_epoch or step % config.checkpoint_every_steps == 0 or stopping:
         checkpoint(step)
       if end_of_epoch:
         buffer.flush(step)
@@ -363,15 +403,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
                   'images_per_sec': (step - epoch_start_step) * config.batch_size / seconds}
         if epoch % config.eval_every_epochs == 0 or step == total_steps:
           eval_start = time.time()
-          record.update(evaluate(eval_fn, state, test_images, test_labels,
-                                 config.eval_batch_size, data_sharding,
+          record.update(evaluate(eval_fn, state, test_reader, config.eval_batch_size,
+                                 data_sharding,
                                  progress=progress is not None))
           record['eval_seconds'] = time.time() - eval_start
         writer.write(record)
         # The epoch record consumed the pending steps; evaluation time is not training time.
         epoch_start_time, epoch_start_step = time.time(), step
         last_log_time, last_log_step = time.time(), step
-      if stop.signum:
+      if stopping:
         logging.warning('Stopped at step %d on signal %d; rerun the same command to resume.',
                         step, stop.signum)
         break
@@ -382,9 +422,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   if start_step == total_steps:
     logging.info('Training already finished at step %d.', total_steps)
     writer.write({'kind': 'final', 'step': total_steps, **evaluate(
-        eval_fn, state, test_images, test_labels, config.eval_batch_size, data_sharding,
+        eval_fn, state, test_reader, config.eval_batch_size, data_sharding,
         progress=config.progress_bar and is_main)})
   writer.close()
+  logging.info('Process %d read %d of %d training and %d of %d test examples.',
+               jax.process_index(), train_reader.num_read, len(train_reader),
+               test_reader.num_read, len(test_reader))
   return state
 
 

@@ -159,11 +159,29 @@ def test_training_data_reads_without_tensorflow(tiny_data_dir):
                                                                     conftest.TRAIN_PER_CLASS)]
 
 
-def _stream(n, batch_size, start_step, num_steps, seed=0):
-  images = np.arange(n)[:, None]
-  return [b['image'][:, 0] for b in input_pipeline.train_batches(
-      images, np.zeros(n, np.int32), batch_size=batch_size, seed=seed, start_step=start_step,
-      num_steps=num_steps)]
+class _Source:
+  """The random-access protocol of a TFDS data source; example i's image and label are i."""
+
+  def __init__(self, n):
+    self.n, self.reads = n, []
+
+  def __len__(self):
+    return self.n
+
+  def __getitems__(self, indices):
+    self.reads.extend(indices)
+    return [{'image': np.full((1,), i, np.uint8), 'label': i} for i in indices]
+
+
+def _reader(n):
+  return input_pipeline.SplitReader(_Source(n), image_shape=(1,))
+
+
+def _stream(n, batch_size, start_step, num_steps, seed=0, rows=None, reader=None):
+  rows = np.arange(batch_size) if rows is None else rows
+  return [b['label'] for b in input_pipeline.train_batches(
+      reader or _reader(n), batch_size=batch_size, seed=seed, start_step=start_step,
+      num_steps=num_steps, rows=rows)]
 
 
 def test_each_epoch_is_a_seeded_permutation_of_the_training_set():
@@ -182,13 +200,39 @@ def test_stream_resumed_at_any_step_matches_the_uninterrupted_stream():
       np.testing.assert_array_equal(a, b)
 
 
-def test_eval_batches_cover_every_example_once_with_padding_masked():
+@pytest.mark.parametrize('processes', [2, 4])
+def test_processes_read_disjoint_rows_that_make_up_the_one_process_batches(processes):
+  n, batch, steps = 50, 8, 12  # 6 steps per epoch: two epochs
+  single = _stream(n, batch, 0, steps)
+  per = batch // processes
+  readers = [_reader(n) for _ in range(processes)]
+  parts = [_stream(n, batch, 0, steps, rows=np.arange(p * per, (p + 1) * per), reader=r)
+           for p, r in enumerate(readers)]
+  for step in range(steps):  # the same global batch, row for row, whatever the process count
+    np.testing.assert_array_equal(np.concatenate([part[step] for part in parts]), single[step])
+  # Epoch 1: each process read exactly the examples of its rows, none twice, none another's.
+  first = [set(np.concatenate(part[:6]).tolist()) for part in parts]
+  assert sum(map(len, first)) == len(set().union(*first)) == 48
+  for reader, part in zip(readers, parts):
+    reads = reader._source.reads  # pylint: disable=protected-access
+    assert len(reads) == len(set(reads)) == reader.num_read  # never read twice
+    assert set(reads) == set(np.concatenate(part).tolist())  # only what its rows needed
+
+
+@pytest.mark.parametrize('processes, batch', [(1, 8), (2, 8), (4, 8), (2, 12)])
+def test_eval_batches_cover_every_example_once_with_padding_masked(processes, batch):
   n = 23
-  batches = list(input_pipeline.eval_batches(np.arange(n)[:, None], np.arange(n), 8))
-  assert len(batches) == 3 and all(len(b['label']) == 8 for b in batches)
-  real = np.concatenate([b['label'][b['mask'] == 1] for b in batches])
-  np.testing.assert_array_equal(np.sort(real), np.arange(n))
-  assert sum(b['mask'].sum() for b in batches) == n
+  per = batch // processes
+  seen, count = [], 0
+  for p in range(processes):
+    reader = _reader(n)
+    batches = list(input_pipeline.eval_batches(reader, batch, np.arange(p * per, (p + 1) * per)))
+    assert len(batches) == -(-n // batch) and all(len(b['label']) == per for b in batches)
+    seen += [b['label'][b['mask'] == 1] for b in batches]
+    count += sum(b['mask'].sum() for b in batches)
+    assert reader.num_read == sum((b['mask'] == 1).sum() for b in batches)  # no reads for padding
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(n))
+  assert count == n
 
 
 def test_batches_land_sharded_over_the_data_axis():
