@@ -45,8 +45,7 @@ def main(argv=None):
     raise ValueError(f'--num_images must be positive, got {args.num_images}')
   input_pipeline.hide_gpus_from_tensorflow()
   run = inference.load_run(args.workdir)
-  if not run.config.model.attention:
-    raise ValueError(f'the model of {run.workdir} has no attention blocks (model.attention=False)')
+  inference.require_attention(run)  # before the test split is read
   images, labels = input_pipeline.load_split(run.config.dataset, run.config.eval_split,
                                              run.config.data_dir)
   idx = pick_examples(labels, args.num_images)

@@ -10,6 +10,7 @@ import json
 import os
 
 import numpy as np
+import optax
 
 from hybrid_flax import figures
 from hybrid_flax import inference
@@ -25,12 +26,10 @@ def evaluate_run(run: inference.Run, images: np.ndarray, labels: np.ndarray,
   predicted = logits.argmax(-1)
   confusion = np.zeros((num_classes, num_classes), np.int64)
   np.add.at(confusion, (labels, predicted), 1)
-  log_probs = logits - logits.max(-1, keepdims=True)
-  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
   per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
   return {'step': run.step, 'examples': int(len(labels)),
           'accuracy': float((predicted == labels).mean()),
-          'loss': float(-log_probs[np.arange(len(labels)), labels].mean()),
+          'loss': float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()),
           'per_class_accuracy': [float(a) for a in per_class],
           'confusion_matrix': confusion.tolist()}
 

@@ -100,10 +100,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return z / z.sum(-1, keepdims=True)
 
 
-def attention_weights(run: Run, images: np.ndarray) -> dict[str, np.ndarray]:
-  """{block name: weights [N, heads, queries, keys]} of each attention block, in order."""
+def require_attention(run: Run) -> None:
   if not run.config.model.attention:
     raise ValueError(f'the model of {run.workdir} has no attention blocks (model.attention=False)')
+
+
+def attention_weights(run: Run, images: np.ndarray) -> dict[str, np.ndarray]:
+  """{block name: weights [N, heads, queries, keys]} of each attention block, in order."""
+  require_attention(run)
   _, state = jax.jit(lambda v, x: run.model.apply(v, train.preprocess(x), train=False,
                                                   mutable=['intermediates']))(
                                                       run.variables, images)
