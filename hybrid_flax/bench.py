@@ -1,0 +1,160 @@
+r"""Throughput of a config: the train step, the eval step and the input pipeline, on their own.
+
+  python -m hybrid_flax.bench --config configs/cifar_hybrid.py [--config.batch_size=256] \
+      [--steps 20] [--warmup 3] [--pipeline_steps 50 --config.dataset=cifar10_folder ...]
+
+The steps run the project's own jitted, sharded, donated `train_step` / `eval_step` on a fixed
+random batch, so only compute is timed; compilation is timed separately. FLOPs per image come
+from XLA's cost analysis of the compiled step, which gives the achieved GFLOP/s. The pipeline is
+timed on the configured data set from a cold start (every example read and decoded from disk,
+the first epoch's cost) up to the device; it is skipped when the data set is not prepared.
+"""
+
+import functools
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from hybrid_flax import input_pipeline
+from hybrid_flax import train
+
+
+def _setup(config):
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  train.validate_config(config, mesh.size)
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  # The schedule's length changes neither the state's structure nor the step's cost.
+  learning_rate_fn, init, _ = train.state_factory(config, 1000, input_pipeline.IMAGE_SHAPE,
+                                                  replicated)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  return learning_rate_fn, state, replicated, data
+
+
+def _random_batch(batch_size: int, sharding, seed: int = 0) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(seed)
+  batch = {'image': rng.integers(0, 256, (batch_size,) + input_pipeline.IMAGE_SHAPE, np.uint8),
+           'label': rng.integers(0, 10, (batch_size,), np.int32),
+           'mask': np.ones((batch_size,), np.float32)}
+  return jax.device_put(batch, sharding)
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX versions
+  return float(cost.get('flops', float('nan')))
+
+
+def _time_compiled(step, state, batch, *, carry_state: bool, steps: int, warmup: int):
+  """Seconds for `steps` calls after `warmup` untimed ones, waiting on the last result."""
+  out = None
+  for i in range(warmup + steps):
+    if i == warmup:
+      jax.block_until_ready(out)
+      start = time.perf_counter()
+    out = step(state, batch)
+    if carry_state:
+      state = out[0]  # the old state was donated
+  jax.block_until_ready(out)
+  return time.perf_counter() - start
+
+
+def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[str, float]]:
+  """{'train': {...}, 'eval': {...}}: images/s, compile seconds, FLOPs/image, GFLOP/s."""
+  learning_rate_fn, state, replicated, data = _setup(config)
+  results = {}
+  # Eval first: the train steps donate (consume) the state.
+  for name, batch_size in (('eval', config.eval_batch_size), ('train', config.batch_size)):
+    batch = _random_batch(batch_size, data)
+    if name == 'train':
+      fn = jax.jit(functools.partial(train.train_step, learning_rate_fn=learning_rate_fn),
+                   in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+    else:
+      fn = jax.jit(train.eval_step, in_shardings=(replicated, data), out_shardings=replicated)
+    start = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    seconds = _time_compiled(compiled, state, batch, carry_state=name == 'train', steps=steps,
+                             warmup=warmup)
+    flops = _flops(compiled)
+    results[name] = {'batch_size': batch_size, 'images_per_sec': batch_size * steps / seconds,
+                     'steps_per_sec': steps / seconds, 'compile_seconds': compile_seconds,
+                     'flops_per_image': flops / batch_size,
+                     'gflops_per_sec': flops * steps / seconds / 1e9}
+  return results
+
+
+def measure_pipeline(config, steps: int = 50) -> dict[str, float]:
+  """Images/s from the TFDS split, cold, to sharded device arrays; raises DatasetUnavailableError."""
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  data = NamedSharding(mesh, P('data'))
+  start = time.perf_counter()
+  reader = input_pipeline.open_split(config.dataset, config.train_split, config.data_dir)
+  open_seconds = time.perf_counter() - start
+  steps = min(steps, len(reader) // config.batch_size)
+  batches = input_pipeline.to_device(
+      input_pipeline.train_batches(reader, batch_size=config.batch_size, seed=config.seed,
+                                   start_step=0, num_steps=steps,
+                                   rows=input_pipeline.process_rows(data, config.batch_size)),
+      data)
+  start = time.perf_counter()
+  for batch in batches:
+    jax.block_until_ready(batch)
+  seconds = time.perf_counter() - start
+  return {'images_per_sec': steps * config.batch_size / seconds,
+          'steps_per_sec': steps / seconds, 'open_seconds': open_seconds, 'steps': steps}
+
+
+def report(config, steps: dict, pipeline: dict | str) -> str:
+  lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
+           f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
+           f'embed={config.model.embed}',
+           f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'
+           f'{"GFLOP/img":>11}{"GFLOP/s":>9}']
+  for name in ('train', 'eval'):
+    r = steps[name]
+    lines.append(f'{name:10}{r["batch_size"]:>7}{r["images_per_sec"]:>10.1f}'
+                 f'{r["steps_per_sec"]:>9.3f}{r["compile_seconds"]:>11.1f}'
+                 f'{r["flops_per_image"] / 1e9:>11.3f}{r["gflops_per_sec"]:>9.1f}')
+  if isinstance(pipeline, str):
+    lines.append(f'pipeline  skipped: {pipeline}')
+  else:
+    ratio = pipeline['steps_per_sec'] / steps['train']['steps_per_sec']
+    lines.append(f'{"pipeline":10}{config.batch_size:>7}{pipeline["images_per_sec"]:>10.1f}'
+                 f'{pipeline["steps_per_sec"]:>9.3f}   (cold reads; {ratio:.1f}x the train '
+                 'step rate)')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  try:
+    steps = measure_steps(config, _STEPS.value, _WARMUP.value)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
+  try:
+    pipeline = measure_pipeline(config, _PIPELINE_STEPS.value) if _PIPELINE_STEPS.value else (
+        '--pipeline_steps=0')
+  except input_pipeline.DatasetUnavailableError as e:
+    pipeline = str(e).splitlines()[0]
+  print(report(config, steps, pipeline))
+
+
+if __name__ == '__main__':
+  # Flags live here, not at import: tests import this module beside others that define flags.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to measure.',
+                                            lock_config=True)
+  flags.mark_flags_as_required(['config'])
+  _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.')
+  _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps before timing.')
+  _PIPELINE_STEPS = flags.DEFINE_integer('pipeline_steps', 50,
+                                         'Batches to time the input pipeline over (0: skip).')
+  input_pipeline.hide_gpus_from_tensorflow()
+  app.run(main)

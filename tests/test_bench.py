@@ -1,0 +1,33 @@
+"""The benchmark's measurements on the tiny config (figures are printed by the tool, not asserted)."""
+
+import math
+
+import pytest
+
+from configs import cifar_tiny
+from hybrid_flax import bench
+
+
+def test_steps_are_measured_with_xla_flop_counts():
+  config = cifar_tiny.get_config()
+  results = bench.measure_steps(config, steps=2, warmup=1)
+  for name, batch_size in (('train', config.batch_size), ('eval', config.eval_batch_size)):
+    r = results[name]
+    assert r['batch_size'] == batch_size
+    assert all(math.isfinite(v) and v > 0 for v in r.values()), r
+    assert r['images_per_sec'] == pytest.approx(r['steps_per_sec'] * batch_size)
+  # A training step is a forward pass plus a backward pass of about twice its cost.
+  ratio = results['train']['flops_per_image'] / results['eval']['flops_per_image']
+  assert 2.0 < ratio < 4.0, ratio
+
+
+def test_pipeline_is_measured_on_the_data_set_and_reported(tiny_data_dir):
+  config = cifar_tiny.get_config()
+  config.dataset, config.data_dir = 'cifar10_folder', tiny_data_dir
+  pipeline = bench.measure_pipeline(config, steps=50)
+  assert pipeline['steps'] == 80 // config.batch_size  # capped at one epoch of the tiny split
+  assert pipeline['images_per_sec'] > 0
+  steps = bench.measure_steps(config, steps=1, warmup=0)
+  text = bench.report(config, steps, pipeline)
+  assert [line.split()[0] for line in text.splitlines()[2:]] == ['train', 'eval', 'pipeline']
+  assert 'pipeline  skipped: not imported' in bench.report(config, steps, 'not imported')
