@@ -1,16 +1,22 @@
 r"""Throughput of a config: the train step, the eval step and the input pipeline, on their own.
 
   python -m hybrid_flax.bench --config configs/cifar_hybrid.py [--config.batch_size=256] \
-      [--steps 20] [--warmup 3] [--pipeline_steps 50 --config.dataset=cifar10_folder ...]
+      [--steps 20] [--warmup 3] [--pipeline_steps 50 --config.dataset=cifar10_folder ...] [--torch]
 
 The steps run the project's own jitted, sharded, donated `train_step` / `eval_step` on a fixed
 random batch, so only compute is timed; compilation is timed separately. FLOPs per image come
 from XLA's cost analysis of the compiled step, which gives the achieved GFLOP/s. The pipeline is
 timed on the configured data set from a cold start (every example read and decoded from disk,
 the first epoch's cost) up to the device; it is skipped when the data set is not prepared.
+--torch also times the same network's training step in PyTorch (`torch_twin.py`, parameter
+count asserted equal) on the same batch size and prints the JAX / PyTorch ratio.
 """
 
 import functools
+import importlib.util
+import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -66,6 +72,7 @@ def _time_compiled(step, state, batch, *, carry_state: bool, steps: int, warmup:
 def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[str, float]]:
   """{'train': {...}, 'eval': {...}}: images/s, compile seconds, FLOPs/image, GFLOP/s."""
   learning_rate_fn, state, replicated, data = _setup(config)
+  param_count = sum(x.size for x in jax.tree.leaves(state.params))
   results = {}
   # Eval first: the train steps donate (consume) the state.
   for name, batch_size in (('eval', config.eval_batch_size), ('train', config.batch_size)):
@@ -86,6 +93,7 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
                      'steps_per_sec': steps / seconds, 'compile_seconds': compile_seconds,
                      'flops_per_image': flops / batch_size,
                      'gflops_per_sec': flops * steps / seconds / 1e9}
+  results['train']['param_count'] = param_count
   return results
 
 
@@ -110,7 +118,27 @@ def measure_pipeline(config, steps: int = 50) -> dict[str, float]:
           'steps_per_sec': steps / seconds, 'open_seconds': open_seconds, 'steps': steps}
 
 
-def report(config, steps: dict, pipeline: dict | str) -> str:
+def measure_torch(config, jax_param_count: int, steps: int, warmup: int) -> dict[str, float]:
+  """The same model's training steps in PyTorch (the `bench` extra); the same size, checked.
+
+  In a process of its own: no JAX or TensorFlow thread pools competing with PyTorch's, and no
+  clash between their native libraries (importing PyTorch's compiler stack after TensorFlow
+  crashes).
+  """
+  if importlib.util.find_spec('torch') is None:
+    raise SystemExit('error: --torch needs PyTorch: pip install -e ".[bench]"')
+  proc = subprocess.run([sys.executable, '-m', 'hybrid_flax.torch_twin', config.to_json(),
+                         str(steps), str(warmup)], capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f'error: the PyTorch timing failed: {proc.stderr.strip()[-2000:]}')
+  result = json.loads(proc.stdout.splitlines()[-1])
+  if result['param_count'] != jax_param_count:
+    raise AssertionError(f'the PyTorch twin has {result["param_count"]} parameters and the Flax '
+                         f'model {jax_param_count}: they are not the same network')
+  return result
+
+
+def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None = None) -> str:
   lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
            f'embed={config.model.embed}',
@@ -128,6 +156,13 @@ def report(config, steps: dict, pipeline: dict | str) -> str:
     lines.append(f'{"pipeline":10}{config.batch_size:>7}{pipeline["images_per_sec"]:>10.1f}'
                  f'{pipeline["steps_per_sec"]:>9.3f}   (cold reads; {ratio:.1f}x the train '
                  'step rate)')
+  if torch_result:
+    t, j = torch_result, steps['train']
+    lines.append(f'{"pytorch":10}{t["batch_size"]:>7}{t["images_per_sec"]:>10.1f}'
+                 f'{t["steps_per_sec"]:>9.3f}   (torch {t["version"]}, {t["threads"]} threads, '
+                 f'{t["param_count"]:,} parameters as in JAX)')
+    lines.append(f'JAX / PyTorch training throughput: '
+                 f'{j["images_per_sec"] / t["images_per_sec"]:.2f}x')
   return '\n'.join(lines)
 
 
@@ -144,7 +179,9 @@ def main(argv):
         '--pipeline_steps=0')
   except input_pipeline.DatasetUnavailableError as e:
     pipeline = str(e).splitlines()[0]
-  print(report(config, steps, pipeline))
+  torch_result = (measure_torch(config, steps['train']['param_count'], _STEPS.value,
+                                _WARMUP.value) if _TORCH.value else None)
+  print(report(config, steps, pipeline, torch_result))
 
 
 if __name__ == '__main__':
@@ -156,5 +193,7 @@ if __name__ == '__main__':
   _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps before timing.')
   _PIPELINE_STEPS = flags.DEFINE_integer('pipeline_steps', 50,
                                          'Batches to time the input pipeline over (0: skip).')
+  _TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model in PyTorch (the bench '
+                             'extra) and print the JAX / PyTorch ratio.')
   input_pipeline.hide_gpus_from_tensorflow()
   app.run(main)
