@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import app
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from hybrid_flax import input_pipeline
@@ -31,7 +31,7 @@ from hybrid_flax import train
 
 
 def _setup(config):
-  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  mesh = train.data_mesh()
   train.validate_config(config, mesh.size)
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   # The schedule's length changes neither the state's structure nor the step's cost.
@@ -99,7 +99,7 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
 
 def measure_pipeline(config, steps: int = 50) -> dict[str, float]:
   """Images/s from the TFDS split, cold, to sharded device arrays; raises DatasetUnavailableError."""
-  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  mesh = train.data_mesh()
   data = NamedSharding(mesh, P('data'))
   start = time.perf_counter()
   reader = input_pipeline.open_split(config.dataset, config.train_split, config.data_dir)

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hybrid_flax import checkpointing
 from hybrid_flax import input_pipeline
@@ -65,7 +65,7 @@ def load_run(workdir: str) -> Run:
                            'pass the --workdir of a launch.py run')
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
+  replicated = NamedSharding(train.data_mesh(), P())
   # The schedule's length does not change the state's structure, so any steps_per_epoch will do.
   _, _, abstract_state = train.state_factory(config, 1, input_pipeline.IMAGE_SHAPE, replicated)
   manager = checkpointing.open_read_only(checkpoint_dir)
@@ -82,7 +82,7 @@ def load_run(workdir: str) -> Run:
 
 def predict_logits(run: Run, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
   """Logits [N, classes] for uint8 images [N, 32, 32, 3], batches sharded over all devices."""
-  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  mesh = train.data_mesh()
   apply = jax.jit(
       lambda variables, x: run.model.apply(variables, train.preprocess(x), train=False),
       in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))))

@@ -76,6 +76,11 @@ def _flock(workdir: str):
     yield
 
 
+def data_mesh() -> Mesh:
+  """One 'data' axis over every device of every process: the batch is split, the state copied."""
+  return Mesh(np.asarray(jax.devices()), ('data',))
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError with a one-line reason for a config that cannot train."""
   checks = [
@@ -286,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  mesh = data_mesh()
   validate_config(config, mesh.size)
   data_sharding = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
