@@ -28,18 +28,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_heads = 8
   config.model.num_classes = 10
   config.model.dropout = 0.0
+  config.model.bn_momentum = 0.9  # PyTorch's BatchNorm2d default (its momentum=0.1)
+  config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (for GPUs/TPUs)
 
   config.num_epochs = 12
   config.batch_size = 128  # global, split over all devices
   config.eval_batch_size = 500
   config.learning_rate = 0.008
-  config.schedule = 'constant'  # 'constant' | 'cosine' (cosine decay to 0 over all steps)
+  # 'constant' | 'cosine' (to 0 over all steps) | 'linear' (to 0; with warmup, one-cycle)
+  config.schedule = 'constant'
   config.warmup_epochs = 0.0
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-4
+  config.weight_decay_norm_and_bias = True  # False: decay conv/dense kernels only
   # The paper saw gradient explosions with attention; > 0 clips the global gradient norm.
   config.grad_clip_norm = 0.0
+
+  # The strong recipe's switches (configs/cifar_hybrid_fast.py); all off in the paper's setup.
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 0  # > 0: random crops of the image padded by this many pixels
+  config.augment.flip = False  # random horizontal flips
+  config.label_smoothing = 0.0
+  config.ema_decay = 0.0  # > 0: keep a moving average of the weights and evaluate that
+  config.eval_flip = False  # test-time augmentation: average the logits with the mirror image's
 
   config.seed = 0
   config.log_every_steps = 50

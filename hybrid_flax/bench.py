@@ -49,10 +49,11 @@ def _random_batch(batch_size: int, sharding, seed: int = 0) -> dict[str, jax.Arr
   return jax.device_put(batch, sharding)
 
 
-def _flops(compiled) -> float:
+def _flops(compiled, num_devices: int) -> float:
+  """The step's FLOPs over all devices (XLA counts one device's share of a sharded program)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX versions
-  return float(cost.get('flops', float('nan')))
+  return float(cost.get('flops', float('nan'))) * num_devices
 
 
 def _time_compiled(step, state, batch, *, carry_state: bool, steps: int, warmup: int):
@@ -78,17 +79,17 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
   for name, batch_size in (('eval', config.eval_batch_size), ('train', config.batch_size)):
     batch = _random_batch(batch_size, data)
     if name == 'train':
-      fn = jax.jit(functools.partial(train.train_step, learning_rate_fn=learning_rate_fn),
-                   in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+      fn = jax.jit(train.make_train_step(config, learning_rate_fn), in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0)
     else:
-      fn = jax.jit(train.eval_step, in_shardings=(replicated, data), out_shardings=replicated)
+      fn = jax.jit(functools.partial(train.eval_step, flip=config.eval_flip),
+                   in_shardings=(replicated, data), out_shardings=replicated)
     start = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     seconds = _time_compiled(compiled, state, batch, carry_state=name == 'train', steps=steps,
                              warmup=warmup)
-    flops = _flops(compiled)
+    flops = _flops(compiled, data.mesh.size)
     results[name] = {'batch_size': batch_size, 'images_per_sec': batch_size * steps / seconds,
                      'steps_per_sec': steps / seconds, 'compile_seconds': compile_seconds,
                      'flops_per_image': flops / batch_size,
@@ -196,4 +197,5 @@ if __name__ == '__main__':
   _TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model in PyTorch (the bench '
                              'extra) and print the JAX / PyTorch ratio.')
   input_pipeline.hide_gpus_from_tensorflow()
+  jax.config.config_with_absl()  # --jax_num_cpu_devices=N: one host CPU seen as N devices
   app.run(main)

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import cifar_hybrid
 from hybrid_flax import checkpointing
 from hybrid_flax import input_pipeline
 from hybrid_flax import models
@@ -32,7 +33,7 @@ class Run:
   workdir: str
   config: ml_collections.ConfigDict
   model: models.HybridNet
-  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}
+  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}, the averaged ones under EMA
   step: int
 
 
@@ -64,7 +65,9 @@ def load_run(workdir: str) -> Run:
     raise RunNotFoundError(f'{workdir} holds no training run (no config.json or checkpoints/): '
                            'pass the --workdir of a launch.py run')
   with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    # Over the base config's defaults: runs saved before a switch existed trained without it.
+    config = ml_collections.ConfigDict(_merged(cifar_hybrid.get_config().to_dict(),
+                                               json.load(f)))
   replicated = NamedSharding(train.data_mesh(), P())
   # The schedule's length does not change the state's structure, so any steps_per_epoch will do.
   _, _, abstract_state = train.state_factory(config, 1, input_pipeline.IMAGE_SHAPE, replicated)
@@ -76,15 +79,21 @@ def load_run(workdir: str) -> Run:
   if state is None:
     raise RunNotFoundError(f'{checkpoint_dir} holds no readable checkpoint')
   return Run(workdir=workdir, config=config, model=models.create_model(config.model),
-             variables={'params': state.params, 'batch_stats': state.batch_stats},
-             step=int(state.step))
+             variables=train.eval_variables(state), step=int(state.step))
+
+
+def _merged(base: dict, saved: dict) -> dict:
+  out = dict(base)
+  for key, value in saved.items():
+    out[key] = _merged(base[key], value) if isinstance(base.get(key), dict) else value
+  return out
 
 
 def predict_logits(run: Run, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
   """Logits [N, classes] for uint8 images [N, 32, 32, 3], batches sharded over all devices."""
   mesh = train.data_mesh()
   apply = jax.jit(
-      lambda variables, x: run.model.apply(variables, train.preprocess(x), train=False),
+      functools.partial(train.eval_logits, run.model.apply, flip=run.config.eval_flip),
       in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))))
   out = [np.zeros((0, run.model.num_classes), np.float32)]
   for start in range(0, len(images), batch_size):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 # rate sees the same normalisation statistics.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class ConvBlock(nn.Module):
@@ -22,6 +23,7 @@ class ConvBlock(nn.Module):
 
   features: int
   pool: bool = False
+  bn_momentum: float = _BN_MOMENTUM
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -29,7 +31,7 @@ class ConvBlock(nn.Module):
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(x)
     x = nn.BatchNorm(
         use_running_average=not train,
-        momentum=_BN_MOMENTUM,
+        momentum=self.bn_momentum,
         epsilon=_BN_EPSILON,
         dtype=self.dtype,
     )(x)
@@ -72,13 +74,14 @@ class AttentionBlock(nn.Module):
 class ResidualBlock(nn.Module):
   """x + ConvBlock(ConvBlock(x)); no pooling, so shape and channels are unchanged."""
 
+  bn_momentum: float = _BN_MOMENTUM
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     c = x.shape[-1]
-    y = ConvBlock(c, dtype=self.dtype)(x, train)
-    y = ConvBlock(c, dtype=self.dtype)(y, train)
+    y = ConvBlock(c, bn_momentum=self.bn_momentum, dtype=self.dtype)(x, train)
+    y = ConvBlock(c, bn_momentum=self.bn_momentum, dtype=self.dtype)(y, train)
     return x + y
 
 
@@ -96,20 +99,21 @@ class HybridNet(nn.Module):
   num_heads: int = 8
   num_classes: int = 10
   dropout: float = 0.0
-  dtype: Any = jnp.float32
+  bn_momentum: float = _BN_MOMENTUM
+  dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
     for stage in range(2):
       for i in (2 * stage, 2 * stage + 1):
-        x = ConvBlock(self.widths[i], pool=self.pool[i], dtype=self.dtype, name=f'conv{i + 1}')(
-            x, train
-        )
+        x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
+                      dtype=self.dtype, name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, dtype=self.dtype,
                            name=f'attention{stage + 1}')(x)
-      x = ResidualBlock(dtype=self.dtype, name=f'residual{stage + 1}')(x, train)
+      x = ResidualBlock(bn_momentum=self.bn_momentum, dtype=self.dtype,
+                        name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -134,9 +138,13 @@ def validate_model_config(model_config) -> None:
                          f'model.num_heads={model_config.num_heads}')
   if not 0.0 <= model_config.dropout < 1.0:
     raise ValueError(f'model.dropout must be in [0, 1), got {model_config.dropout}')
+  if not 0.0 <= model_config.get('bn_momentum', _BN_MOMENTUM) < 1.0:
+    raise ValueError(f'model.bn_momentum must be in [0, 1), got {model_config.bn_momentum}')
+  if model_config.get('dtype', 'float32') not in DTYPES:
+    raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
 
 
-def create_model(model_config, dtype=jnp.float32) -> HybridNet:
+def create_model(model_config) -> HybridNet:
   validate_model_config(model_config)
   return HybridNet(
       widths=tuple(model_config.widths),
@@ -146,5 +154,7 @@ def create_model(model_config, dtype=jnp.float32) -> HybridNet:
       num_heads=model_config.num_heads,
       num_classes=model_config.num_classes,
       dropout=model_config.dropout,
-      dtype=dtype,
+      # .get: runs saved before these switches existed have no such fields in config.json.
+      bn_momentum=model_config.get('bn_momentum', _BN_MOMENTUM),
+      dtype=DTYPES[model_config.get('dtype', 'float32')],
   )

@@ -18,17 +18,20 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hybrid_flax import augment
 from hybrid_flax import checkpointing
 from hybrid_flax import input_pipeline
 from hybrid_flax import metric_writer
 from hybrid_flax import models
 
-SCHEDULES = ('constant', 'cosine')
+SCHEDULES = ('constant', 'cosine', 'linear')
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
-  rng: jax.Array  # base key; each step's dropout key is fold_in(rng, step)
+  rng: jax.Array  # base key; each step's dropout and augmentation keys are fold_in(rng, step)
+  # {'params', 'batch_stats'} averaged over steps when config.ema_decay > 0, else None.
+  ema: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -93,6 +96,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
                                      f'{config.schedule!r}'),
       (0 <= config.warmup_epochs < config.num_epochs,
        f'warmup_epochs must be in [0, num_epochs), got {config.warmup_epochs}'),
+      (0 <= config.label_smoothing < 1,
+       f'label_smoothing must be in [0, 1), got {config.label_smoothing}'),
+      (0 <= config.ema_decay < 1, f'ema_decay must be in [0, 1), got {config.ema_decay}'),
+      (0 <= config.augment.crop_padding < 32,
+       f'augment.crop_padding must be in [0, 32), got {config.augment.crop_padding}'),
       (config.checkpoint_every_steps > 0 and config.log_every_steps > 0,
        'checkpoint_every_steps and log_every_steps must be positive'),
       (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
@@ -114,8 +122,10 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
   warmup = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == 'constant':
     main = optax.constant_schedule(config.learning_rate)
-  else:
+  elif config.schedule == 'cosine':
     main = optax.cosine_decay_schedule(config.learning_rate, decay_steps=total - warmup)
+  else:  # 'linear': with warmup, the one-cycle triangle of the fast CIFAR-10 trainers
+    main = optax.linear_schedule(config.learning_rate, 0.0, total - warmup)
   if not warmup:
     return main
   ramp = optax.linear_schedule(0.0, config.learning_rate, warmup)
@@ -126,18 +136,23 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   # PyTorch's SGD(weight_decay=...) adds wd * param to the gradient before momentum, on every
   # parameter: the paper's setup, so the same here.
   clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+  # Off: batch-norm scales/offsets and biases (every 1-D parameter) are not decayed, as the
+  # fast trainers do; decaying them only fights the normalisation.
+  mask = None if config.weight_decay_norm_and_bias else (
+      lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
   return optax.chain(
       *clip,
-      optax.add_decayed_weights(config.weight_decay),
+      optax.add_decayed_weights(config.weight_decay, mask=mask),
       optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
   )
 
 
-def create_train_state(rng, model, tx, image_shape) -> TrainState:
+def create_train_state(rng, model, tx, image_shape, ema: bool = False) -> TrainState:
   params_rng, dropout_rng = jax.random.split(rng)
   variables = model.init(params_rng, jnp.zeros((1,) + tuple(image_shape), jnp.uint8), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables['batch_stats'], rng=dropout_rng)
+                           batch_stats=variables['batch_stats'], rng=dropout_rng,
+                           ema=dict(variables) if ema else None)
 
 
 def state_factory(config, steps_per_epoch: int, image_shape, sharding):
@@ -145,7 +160,8 @@ def state_factory(config, steps_per_epoch: int, image_shape, sharding):
   model = models.create_model(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   tx = create_optimizer(config, learning_rate_fn)
-  init = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape)
+  init = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape,
+                           ema=config.ema_decay > 0)
   abstract_state = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
@@ -158,15 +174,29 @@ def preprocess(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
-def train_step(state: TrainState, batch, learning_rate_fn):
-  """One SGD step on a global batch; returns the new state and the batch's metrics."""
-  dropout_rng = jax.random.fold_in(state.rng, state.step)
+def train_step(state: TrainState, batch, learning_rate_fn, *, crop_padding: int = 0,
+               flip: bool = False, label_smoothing: float = 0.0, ema_decay: float = 0.0):
+  """One SGD step on a global batch; returns the new state and the batch's metrics.
+
+  The keyword options are the recipe's switches (see `make_train_step`); their defaults are
+  the paper's plain step: no augmentation, hard labels, no weight averaging.
+  """
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  dropout_rng, augment_rng = jax.random.split(step_rng)
+  images = batch['image']
+  if crop_padding or flip:
+    images = augment.random_crop_flip(images, augment_rng, crop_padding, flip)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, preprocess(batch['image']),
+        {'params': params, 'batch_stats': state.batch_stats}, preprocess(images),
         train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    if label_smoothing:
+      targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], logits.shape[-1]),
+                                    label_smoothing)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+    else:
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -175,13 +205,39 @@ def train_step(state: TrainState, batch, learning_rate_fn):
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
       'learning_rate': learning_rate_fn(state.step),
   }
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if ema_decay:
+    current = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
+    new_state = new_state.replace(
+        ema=optax.incremental_update(current, state.ema, step_size=1.0 - ema_decay))
+  return new_state, metrics
 
 
-def eval_step(state: TrainState, batch):
+def make_train_step(config, learning_rate_fn):
+  """`train_step` with the config's recipe switches bound; jit it where it is called."""
+  return functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                           crop_padding=config.augment.crop_padding, flip=config.augment.flip,
+                           label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
+
+
+def eval_variables(state: TrainState) -> dict[str, Any]:
+  """The weights to evaluate: the running average when the recipe keeps one."""
+  if state.ema is not None:
+    return state.ema
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def eval_logits(apply_fn, variables, images: jax.Array, flip: bool = False) -> jax.Array:
+  """Logits of uint8 images; `flip` averages them with the mirrored images' (test-time)."""
+  logits = apply_fn(variables, preprocess(images), train=False)
+  if flip:
+    logits = (logits + apply_fn(variables, preprocess(images[:, :, ::-1, :]), train=False)) / 2
+  return logits
+
+
+def eval_step(state: TrainState, batch, flip: bool = False):
   """Sums of loss, correct predictions and examples over the real (mask 1) examples."""
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          preprocess(batch['image']), train=False)
+  logits = eval_logits(state.apply_fn, eval_variables(state), batch['image'], flip)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
   mask = batch['mask']
   return {
@@ -348,11 +404,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   logging.info('Model: %d parameters; %d steps/epoch, %d steps total, %d devices.', param_count,
                steps_per_epoch, total_steps, mesh.size)
 
-  train_fn = jax.jit(functools.partial(train_step, learning_rate_fn=learning_rate_fn),
+  train_fn = jax.jit(make_train_step(config, learning_rate_fn),
                      in_shardings=(replicated, data_sharding),
                      out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
-                    out_shardings=replicated)
+  eval_fn = jax.jit(functools.partial(eval_step, flip=config.eval_flip),
+                    in_shardings=(replicated, data_sharding), out_shardings=replicated)
   writer = metric_writer.MetricWriter(workdir, start_step)
   buffer = _MetricsBuffer()
 

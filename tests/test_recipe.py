@@ -1,0 +1,155 @@
+"""The strong recipe's switches: each one does what it says, and off means the paper's step."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import cifar_hybrid
+from configs import cifar_hybrid_fast
+from configs import cifar_tiny
+from hybrid_flax import augment
+from hybrid_flax import models
+from hybrid_flax import train
+from tests import test_train
+
+
+def _images(n=6, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), np.uint8)
+
+
+def test_crops_are_windows_of_the_reflect_padded_image():
+  images = _images()
+  out = np.asarray(augment.random_crop_flip(jnp.asarray(images), jax.random.PRNGKey(1), 4,
+                                            flip=False))
+  assert out.shape == images.shape and out.dtype == np.uint8
+  padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode='reflect')
+  offsets = []
+  for i in range(len(images)):
+    found = [(dy, dx) for dy in range(9) for dx in range(9)
+             if np.array_equal(padded[i, dy:dy + 32, dx:dx + 32], out[i])]
+    assert found, f'image {i} is not a crop of its padded original'
+    offsets.append(found[0])
+  assert len(set(offsets)) > 1  # each image draws its own offset
+
+
+def test_flips_mirror_about_half_the_images_and_keep_the_rest():
+  images = _images(64)
+  out = np.asarray(augment.random_crop_flip(jnp.asarray(images), jax.random.PRNGKey(2), 0,
+                                            flip=True))
+  mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images)]
+  kept = [np.array_equal(o, i) for o, i in zip(out, images)]
+  assert all(m or k for m, k in zip(mirrored, kept))
+  assert 16 < sum(mirrored) < 48
+
+
+def test_augmentation_is_a_function_of_the_key():
+  images = jnp.asarray(_images())
+  a, b, c = (augment.random_crop_flip(images, jax.random.PRNGKey(k), 4, True) for k in (3, 3, 4))
+  assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_label_smoothing_loss_matches_optax_on_the_same_logits():
+  config = cifar_tiny.get_config()
+  state, lr_fn = test_train._setup(config)
+  batch = test_train._batch()
+  _, metrics = train.train_step(state, batch, lr_fn, label_smoothing=0.2)
+  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                             train.preprocess(batch['image']), train=True,
+                             mutable=['batch_stats'])
+  expected = optax.softmax_cross_entropy(
+      logits, optax.smooth_labels(jax.nn.one_hot(batch['label'], 10), 0.2)).mean()
+  hard = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+  assert float(metrics['loss']) == pytest.approx(float(expected), rel=1e-5)
+  assert abs(float(expected) - float(hard)) > 1e-3  # the switch changed the loss
+
+
+def test_augmentation_changes_the_step_and_off_is_the_plain_step():
+  state, lr_fn = test_train._setup()
+  batch = test_train._batch()
+  plain, _ = train.train_step(state, batch, lr_fn)
+  switched_off, _ = train.make_train_step(cifar_tiny.get_config(), lr_fn)(state, batch)
+  augmented, _ = train.train_step(state, batch, lr_fn, crop_padding=4, flip=True)
+  kernel = lambda s: np.asarray(s.params['head']['kernel'])
+  np.testing.assert_array_equal(kernel(plain), kernel(switched_off))
+  assert not np.allclose(kernel(plain), kernel(augmented))
+
+
+def test_ema_tracks_the_weights_and_is_what_evaluation_uses():
+  config = cifar_tiny.get_config()
+  config.ema_decay = 0.9
+  model = models.create_model(config.model)
+  lr_fn = train.create_learning_rate_fn(config, 10)
+  state = jax.device_put(train.create_train_state(
+      jax.random.PRNGKey(0), model, train.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
+  before = jax.device_get(state.params)
+  batch = test_train._batch()
+  new, _ = train.make_train_step(config, lr_fn)(state, batch)
+  expected = jax.tree.map(lambda old, cur: 0.9 * old + 0.1 * cur, before,
+                          jax.device_get(new.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(new.ema['params']), expected)
+  batch['mask'] = np.ones(len(batch['label']), np.float32)
+  with_ema = train.eval_step(new, batch)
+  by_hand = train.eval_step(new.replace(params=new.ema['params'],
+                                        batch_stats=new.ema['batch_stats'], ema=None), batch)
+  assert float(with_ema['loss_sum']) == pytest.approx(float(by_hand['loss_sum']), rel=1e-6)
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+  state, _ = test_train._setup()
+  images = jnp.asarray(_images(4))
+  variables = train.eval_variables(state)
+  both = train.eval_logits(state.apply_fn, variables, images, flip=True)
+  one = train.eval_logits(state.apply_fn, variables, images)
+  mirror = train.eval_logits(state.apply_fn, variables, images[:, :, ::-1])
+  np.testing.assert_allclose(both, (one + mirror) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_can_spare_norm_and_bias_parameters():
+  config = cifar_tiny.get_config()
+  config.weight_decay, config.momentum = 0.1, 0.0
+  params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2), 'scale': jnp.ones(2)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for decay_all in (True, False):
+    config.weight_decay_norm_and_bias = decay_all
+    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert float(jnp.abs(updates['kernel']).sum()) > 0
+    assert (float(jnp.abs(updates['bias']).sum()) > 0) == decay_all
+    assert (float(jnp.abs(updates['scale']).sum()) > 0) == decay_all
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+  config = cifar_tiny.get_config()
+  config.num_epochs, config.learning_rate, config.schedule, config.warmup_epochs = 4, 0.4, 'linear', 1
+  fn = train.create_learning_rate_fn(config, 10)
+  assert [float(fn(s)) for s in (0, 5, 10, 25, 40)] == pytest.approx([0, 0.2, 0.4, 0.2, 0],
+                                                                        abs=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+  config = cifar_tiny.get_config().model
+  config.dtype = 'bfloat16'
+  model = models.create_model(config)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), train=False)
+  assert {x.dtype for x in jax.tree.leaves(variables['params'])} == {jnp.dtype('float32')}
+  logits = model.apply(variables, jnp.ones((2, 32, 32, 3)), train=False)
+  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+  config.dtype = 'float16'
+  with pytest.raises(ValueError, match='model.dtype must be one of'):
+    models.create_model(config)
+
+
+def test_fast_recipe_is_the_paper_model_with_every_switch_on():
+  paper, fast = cifar_hybrid.get_config(), cifar_hybrid_fast.get_config()
+  assert fast.model == paper.model  # same architecture and width: only training changes
+  train.validate_config(fast, 4)
+  assert fast.augment.crop_padding and fast.augment.flip and fast.label_smoothing
+  assert fast.ema_decay and fast.eval_flip and fast.nesterov and fast.schedule == 'linear'
+  # The paper's config keeps every switch off.
+  assert not (paper.augment.crop_padding or paper.augment.flip or paper.label_smoothing or
+              paper.ema_decay or paper.eval_flip)
