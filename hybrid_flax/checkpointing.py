@@ -1,5 +1,6 @@
 """Orbax checkpoints of the train state plus a JSON record of where the input stream stands."""
 
+import dataclasses
 import logging as std_logging
 
 import jax
@@ -32,29 +33,64 @@ def open_read_only(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
 
 
+class UnreadableCheckpointsError(ValueError):
+  """Checkpoints exist but none restores: starting over would silently discard the run."""
+
+
+def _as_tree(state):
+  """A train state's array fields as a dict, without the optional ones left unset (None).
+
+  So switching an optional field such as the EMA weights into the code does not change what a
+  run without it saves, and checkpoints written before the field existed still restore.
+  """
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.metadata.get('pytree_node', True) and getattr(state, f.name) is not None}
+
+
 def save(manager: ocp.CheckpointManager, state, meta: dict) -> bool:
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return False
   return manager.save(
-      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+      step, args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)),
                                     meta=ocp.args.JsonSave(meta)))
+
+
+def _short(error: Exception) -> str:
+  # Orbax's structure-mismatch message prints the whole abstract tree: keep its start.
+  text = ' '.join(str(error).split())
+  return text if len(text) <= 300 else text[:300] + ' ...'
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   """Returns (state, meta) from the newest readable checkpoint, or (None, None) if there is none.
 
   A checkpoint that fails to restore (corrupted on disk) is skipped with a warning in favour of
-  the one before it.
+  the one before it. If none restores, raises UnreadableCheckpointsError rather than let the
+  caller start from scratch over a run it could not read (other code, another config, damage).
   """
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  first_error = None
+  for step in steps:
     try:
       restored = manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_tree(abstract_state)),
                                         meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  # orbax raises many types here
       logging.warning('Checkpoint at step %d is unreadable (%s: %s); trying the previous one.',
-                      step, type(e).__name__, e)
+                      step, type(e).__name__, _short(e))
+      first_error = first_error or e
       continue
-    return restored.state, restored.meta
+    state = restored.state
+    if dataclasses.is_dataclass(abstract_state):
+      state = abstract_state.replace(**state)
+    return state, restored.meta
+  if steps:
+    raise UnreadableCheckpointsError(
+        f'none of the {len(steps)} checkpoints in {manager.directory} (steps {steps}) restores '
+        f'into this train state ({type(first_error).__name__}: {_short(first_error)}); they were written by '
+        'other code or another model/recipe config, or are damaged. Resume with the config they '
+        'were written with, or use a new --workdir')
   return None, None

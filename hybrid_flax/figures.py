@@ -102,3 +102,22 @@ def attention_grid(images: np.ndarray, maps: dict[str, np.ndarray], captions: Se
     ax.axis('off')
   fig.suptitle(title, fontsize=9)
   return _save(fig, path)
+
+
+def accuracy_per_epoch(runs: dict[str, Sequence[dict]], path: str, title: str = '',
+                       references: dict[str, float] | None = None) -> str:
+  """Test accuracy after each epoch, one line per run; dashed lines mark reference accuracies."""
+  fig, ax = plt.subplots(figsize=(8, 5), layout='constrained')
+  for i, (label, records) in enumerate(runs.items()):
+    x, y = _series([r for r in records if r.get('kind') == 'epoch'], 'test_accuracy')
+    if not x:
+      raise ValueError(f'run {label!r} has no evaluated epoch yet: nothing to plot')
+    line, = ax.plot(x, [100 * v for v in y], 'o-', markersize=4, label=f'{label}: {y[-1]:.2%}')
+    if references and label in references:
+      ax.axhline(100 * references[label], color=line.get_color(), ls='--', alpha=0.6, lw=1)
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('test accuracy (%)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title)
+  return _save(fig, path)

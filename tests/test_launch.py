@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -188,6 +189,20 @@ def test_bad_config_is_one_clear_error(tmp_path, tiny_data_dir, override, messag
   proc = _launch(tmp_path, tiny_data_dir, override)
   assert proc.returncode != 0 and message in proc.stderr.splitlines()[-1]
   assert 'Traceback' not in proc.stderr and not (tmp_path / 'checkpoints').exists()
+
+
+def test_checkpoints_this_config_cannot_read_stop_the_run_instead_of_restarting(
+    reference_run, tiny_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run[0], workdir)
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  # The weight average adds state that the reference run's checkpoints do not hold.
+  proc = _launch(workdir, tiny_data_dir, '--config.ema_decay=0.9')
+  last = proc.stderr.splitlines()[-1]
+  assert proc.returncode != 0 and last.startswith('error: none of the 3 checkpoints in ')
+  assert 'use a new --workdir' in last and 'Traceback' not in proc.stderr
+  assert 'starting from scratch' not in proc.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing written or deleted
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_continues(

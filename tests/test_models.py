@@ -8,6 +8,8 @@ from jax.test_util import check_grads
 
 from configs import cifar_cnn
 from configs import cifar_hybrid
+from configs import cifar_hybrid_cpu
+from configs import cifar_hybrid_fast
 from configs import cifar_hybrid_noembed
 from configs import cifar_tiny
 from hybrid_flax import models
@@ -38,7 +40,8 @@ def test_pinned_parameter_counts(overrides, expected):
 
 
 @pytest.mark.parametrize('config_module, expected', [
-    (cifar_hybrid, 8_250_378), (cifar_hybrid_noembed, 7_692_042), (cifar_cnn, 6_575_370)])
+    (cifar_hybrid, 8_250_378), (cifar_hybrid_noembed, 7_692_042), (cifar_cnn, 6_575_370),
+    (cifar_hybrid_fast, 8_250_378), (cifar_hybrid_cpu, 518_922)])
 def test_paper_configs_have_pinned_parameter_counts(config_module, expected):
   assert _param_count(models.create_model(config_module.get_config().model)) == expected
 

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from configs import cifar_tiny
@@ -17,6 +18,8 @@ from hybrid_flax import evaluate
 from hybrid_flax import inference
 from hybrid_flax import input_pipeline
 from hybrid_flax import metric_writer
+from hybrid_flax import checkpointing
+from hybrid_flax import compare
 from hybrid_flax import plots
 from hybrid_flax import predict
 from hybrid_flax import train
@@ -32,6 +35,18 @@ def workdir(tmp_path_factory, tiny_data_dir):
   config.data_dir = tiny_data_dir
   config.progress_bar = False
   path = str(tmp_path_factory.mktemp('run'))
+  train.train_and_evaluate(config, path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def recipe_workdir(tmp_path_factory, tiny_data_dir):
+  """A tiny run with the strong recipe's evaluation-time switches on: EMA weights, flip TTA."""
+  config = cifar_tiny.get_config()
+  config.dataset, config.data_dir, config.progress_bar = 'cifar10_folder', tiny_data_dir, False
+  config.num_epochs, config.ema_decay, config.eval_flip = 1, 0.5, True
+  config.augment.crop_padding, config.augment.flip, config.label_smoothing = 4, True, 0.1
+  path = str(tmp_path_factory.mktemp('recipe_run'))
   train.train_and_evaluate(config, path)
   return path
 
@@ -74,6 +89,44 @@ def test_evaluate_agrees_with_the_runs_own_evaluation(workdir, run, capsys):
   with open(os.path.join(workdir, 'eval', f'step_{run.step}.json')) as f:
     assert json.load(f)['accuracy'] == result['accuracy']
   assert _is_png(os.path.join(workdir, 'figures', f'confusion_step_{run.step}.png'))
+
+
+def test_evaluate_uses_the_ema_weights_and_flip_tta_as_training_did(recipe_workdir):
+  result = evaluate.main(['--workdir', recipe_workdir])
+  last_epoch = [r for r in metric_writer.read_metrics(recipe_workdir) if r['kind'] == 'epoch'][-1]
+  assert result['accuracy'] == pytest.approx(last_epoch['test_accuracy'], abs=1e-6)
+  assert result['loss'] == pytest.approx(last_epoch['test_loss'], rel=1e-5)
+  loaded = inference.load_run(recipe_workdir)
+  state_ema = loaded.variables['params']['head']['kernel']
+  # The tools load the averaged weights, which differ from the last step's.
+  restored = _restored_state(recipe_workdir)
+  assert not np.allclose(state_ema, restored.params['head']['kernel'])
+  np.testing.assert_array_equal(state_ema, restored.ema['params']['head']['kernel'])
+
+
+def test_compare_prints_a_table_and_plots_accuracy_per_epoch(workdir, recipe_workdir, tmp_path,
+                                                            capsys):
+  out = str(tmp_path / 'acc.png')
+  compare.main(['--run', f'paper={workdir}', '--run', f'recipe={recipe_workdir}',
+                '--reference', 'paper=0.816', '--out', out])
+  printed = capsys.readouterr().out
+  last = [r for r in metric_writer.read_metrics(workdir) if r['kind'] == 'epoch'][-1]
+  assert f'| paper | {last["epoch"]} | {last["test_accuracy"]:.2%} |' in printed
+  assert '| recipe | 1 |' in printed and _is_png(out)
+  with pytest.raises(SystemExit) as excinfo:
+    compare.main(['--run', f'a={workdir}', '--reference', 'b=0.5'])
+  assert "names no --run" in _error(excinfo)
+
+
+def _restored_state(workdir):
+  config = inference.load_run(workdir).config
+  replicated = NamedSharding(train.data_mesh(), P())
+  _, _, abstract_state = train.state_factory(config, 1, input_pipeline.IMAGE_SHAPE, replicated)
+  manager = checkpointing.open_read_only(os.path.join(workdir, 'checkpoints'))
+  try:
+    return checkpointing.restore_latest(manager, abstract_state)[0]
+  finally:
+    manager.close()
 
 
 def test_evaluate_other_split(workdir):

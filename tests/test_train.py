@@ -3,11 +3,14 @@
 import functools
 import os
 import shutil
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import cifar_tiny
@@ -184,6 +187,49 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
                                                 _abstract(first))
   assert meta == {'step': 1} and int(restored.step) == 1
   assert 'step 2 is unreadable' in caplog.text
+
+
+class _StateBeforeEma(train_state.TrainState):
+  """TrainState as checkpoints before the EMA field were written."""
+  batch_stats: Any
+  rng: jax.Array
+
+
+def test_checkpoints_from_before_the_ema_field_still_restore(tmp_path):
+  state = _trained_state()
+  old = _StateBeforeEma(step=state.step, apply_fn=state.apply_fn, params=state.params,
+                        tx=state.tx, opt_state=state.opt_state, batch_stats=state.batch_stats,
+                        rng=state.rng)
+  manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2)
+  manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                          meta=ocp.args.JsonSave({'step': 2})))
+  manager.wait_until_finished()
+  restored, _ = checkpointing.restore_latest(manager, _abstract(state))
+  assert isinstance(restored, train.TrainState) and restored.ema is None
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(state),
+                      jax.device_get(restored))
+  assert all(jax.tree.leaves(same))
+
+
+def test_ema_state_round_trips_and_a_state_without_it_is_refused(tmp_path):
+  config = cifar_tiny.get_config()
+  config.ema_decay = 0.5
+  lr_fn = train.create_learning_rate_fn(config, 10)
+  with_ema = jax.device_put(train.create_train_state(
+      jax.random.PRNGKey(0), models.create_model(config.model),
+      train.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
+  with_ema, _ = jax.jit(train.make_train_step(config, lr_fn))(with_ema, _batch())
+  manager = checkpointing.make_manager(str(tmp_path / 'ema'), keep=2)
+  checkpointing.save(manager, with_ema, {'step': 1})
+  manager.wait_until_finished()
+  restored, _ = checkpointing.restore_latest(manager, _abstract(with_ema))
+  np.testing.assert_array_equal(restored.ema['params']['head']['kernel'],
+                                with_ema.ema['params']['head']['kernel'])
+  plain = checkpointing.make_manager(str(tmp_path / 'plain'), keep=2)
+  checkpointing.save(plain, _trained_state(1), {'step': 1})
+  plain.wait_until_finished()
+  with pytest.raises(checkpointing.UnreadableCheckpointsError, match='none of the 1 checkpoints'):
+    checkpointing.restore_latest(plain, _abstract(with_ema))
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
