@@ -114,7 +114,8 @@ def accuracy_per_epoch(runs: dict[str, Sequence[dict]], path: str, title: str = 
       raise ValueError(f'run {label!r} has no evaluated epoch yet: nothing to plot')
     line, = ax.plot(x, [100 * v for v in y], 'o-', markersize=4, label=f'{label}: {y[-1]:.2%}')
     if references and label in references:
-      ax.axhline(100 * references[label], color=line.get_color(), ls='--', alpha=0.6, lw=1)
+      ax.axhline(100 * references[label], color=line.get_color(), ls='--', alpha=0.6, lw=1,
+                 label=f'{label}: reference {references[label]:.1%}')
   ax.set_xlabel('epoch')
   ax.set_ylabel('test accuracy (%)')
   ax.grid(alpha=0.3)
