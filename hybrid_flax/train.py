@@ -29,7 +29,7 @@ SCHEDULES = ('constant', 'cosine', 'linear')
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
-  rng: jax.Array  # base key; each step's dropout and augmentation keys are fold_in(rng, step)
+  rng: jax.Array  # base key; each step's dropout and augment keys come from fold_in(rng, step)
   # {'params', 'batch_stats'} averaged over steps when config.ema_decay > 0, else None.
   ema: Any = None
 
@@ -181,11 +181,12 @@ def train_step(state: TrainState, batch, learning_rate_fn, *, crop_padding: int 
   The keyword options are the recipe's switches (see `make_train_step`); their defaults are
   the paper's plain step: no augmentation, hard labels, no weight averaging.
   """
-  step_rng = jax.random.fold_in(state.rng, state.step)
-  dropout_rng, augment_rng = jax.random.split(step_rng)
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
   images = batch['image']
   if crop_padding or flip:
-    images = augment.random_crop_flip(images, augment_rng, crop_padding, flip)
+    # A key of its own, so switching augmentation on leaves the dropout masks as they were.
+    images = augment.random_crop_flip(images, jax.random.fold_in(dropout_rng, 1), crop_padding,
+                                      flip)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
