@@ -79,7 +79,8 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
   for name, batch_size in (('eval', config.eval_batch_size), ('train', config.batch_size)):
     batch = _random_batch(batch_size, data)
     if name == 'train':
-      fn = jax.jit(train.make_train_step(config, learning_rate_fn), in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+      fn = jax.jit(train.make_train_step(config, learning_rate_fn),
+                   in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0)
     else:
       fn = jax.jit(functools.partial(train.eval_step, flip=config.eval_flip),

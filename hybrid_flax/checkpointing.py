@@ -90,7 +90,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   if steps:
     raise UnreadableCheckpointsError(
         f'none of the {len(steps)} checkpoints in {manager.directory} (steps {steps}) restores '
-        f'into this train state ({type(first_error).__name__}: {_short(first_error)}); they were written by '
-        'other code or another model/recipe config, or are damaged. Resume with the config they '
-        'were written with, or use a new --workdir')
+        f'into this train state ({type(first_error).__name__}: {_short(first_error)}); they '
+        'were written by other code or another model/recipe config, or are damaged. Resume with '
+        'the config they were written with, or use a new --workdir')
   return None, None

@@ -33,8 +33,16 @@ class Run:
   workdir: str
   config: ml_collections.ConfigDict
   model: models.HybridNet
-  variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...}, the averaged ones under EMA
-  step: int
+  state: train.TrainState
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """{'params': ..., 'batch_stats': ...} to evaluate: the averaged ones under EMA."""
+    return train.eval_variables(self.state)
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
 
 
 def tool_parser(doc: str, prog: str) -> argparse.ArgumentParser:
@@ -78,8 +86,7 @@ def load_run(workdir: str) -> Run:
     manager.close()
   if state is None:
     raise RunNotFoundError(f'{checkpoint_dir} holds no readable checkpoint')
-  return Run(workdir=workdir, config=config, model=models.create_model(config.model),
-             variables=train.eval_variables(state), step=int(state.step))
+  return Run(workdir=workdir, config=config, model=models.create_model(config.model), state=state)
 
 
 def _merged(base: dict, saved: dict) -> dict:

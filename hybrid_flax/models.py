@@ -138,9 +138,9 @@ def validate_model_config(model_config) -> None:
                          f'model.num_heads={model_config.num_heads}')
   if not 0.0 <= model_config.dropout < 1.0:
     raise ValueError(f'model.dropout must be in [0, 1), got {model_config.dropout}')
-  if not 0.0 <= model_config.get('bn_momentum', _BN_MOMENTUM) < 1.0:
+  if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ValueError(f'model.bn_momentum must be in [0, 1), got {model_config.bn_momentum}')
-  if model_config.get('dtype', 'float32') not in DTYPES:
+  if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
 
 
@@ -154,7 +154,6 @@ def create_model(model_config) -> HybridNet:
       num_heads=model_config.num_heads,
       num_classes=model_config.num_classes,
       dropout=model_config.dropout,
-      # .get: runs saved before these switches existed have no such fields in config.json.
-      bn_momentum=model_config.get('bn_momentum', _BN_MOMENTUM),
-      dtype=DTYPES[model_config.get('dtype', 'float32')],
+      bn_momentum=model_config.bn_momentum,
+      dtype=DTYPES[model_config.dtype],
   )

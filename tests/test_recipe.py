@@ -125,7 +125,8 @@ def test_weight_decay_can_spare_norm_and_bias_parameters():
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
   config = cifar_tiny.get_config()
-  config.num_epochs, config.learning_rate, config.schedule, config.warmup_epochs = 4, 0.4, 'linear', 1
+  config.num_epochs, config.learning_rate = 4, 0.4
+  config.schedule, config.warmup_epochs = 'linear', 1
   fn = train.create_learning_rate_fn(config, 10)
   assert [float(fn(s)) for s in (0, 5, 10, 25, 40)] == pytest.approx([0, 0.2, 0.4, 0.2, 0],
                                                                         abs=1e-7)
