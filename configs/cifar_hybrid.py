@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.seed = 0
   config.log_every_steps = 50
-  config.eval_every_epochs = 1
+  config.eval_every_epochs = 1  # the last epoch is always evaluated too
   config.checkpoint_every_steps = 200  # plus one at every epoch end and at the end of training
   config.keep_checkpoints = 3
   config.progress_bar = True

@@ -49,11 +49,19 @@ def _random_batch(batch_size: int, sharding, seed: int = 0) -> dict[str, jax.Arr
   return jax.device_put(batch, sharding)
 
 
-def _flops(compiled, num_devices: int) -> float:
-  """The step's FLOPs over all devices (XLA counts one device's share of a sharded program)."""
-  cost = compiled.cost_analysis()
+def _flops(step, *args) -> float:
+  """FLOPs of one `step(*args)` over the whole batch, counted by XLA on the CPU as lowered.
+
+  Not the compiled program's count: on GPUs its convolutions are cuDNN library calls that XLA's
+  cost analysis leaves out (it reported ~1/9 of the true FLOPs on an H200), and a sharded
+  program counts one device's share. Lowered for the CPU, unsharded, the count is the same on
+  every machine; the GPU's own lowered programs have no cost analysis.
+  """
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
+  cost = jax.jit(step).lower(*abstract).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX versions
-  return float(cost.get('flops', float('nan'))) * num_devices
+  return float(cost.get('flops', float('nan')))
 
 
 def _time_compiled(step, state, batch, *, carry_state: bool, steps: int, warmup: int):
@@ -79,18 +87,18 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
   for name, batch_size in (('eval', config.eval_batch_size), ('train', config.batch_size)):
     batch = _random_batch(batch_size, data)
     if name == 'train':
-      fn = jax.jit(train.make_train_step(config, learning_rate_fn),
-                   in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+      step = train.make_train_step(config, learning_rate_fn)
+      fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0)
     else:
-      fn = jax.jit(functools.partial(train.eval_step, flip=config.eval_flip),
-                   in_shardings=(replicated, data), out_shardings=replicated)
+      step = functools.partial(train.eval_step, flip=config.eval_flip)
+      fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=replicated)
+    flops = _flops(step, state, batch)  # before the train steps donate the state
     start = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     seconds = _time_compiled(compiled, state, batch, carry_state=name == 'train', steps=steps,
                              warmup=warmup)
-    flops = _flops(compiled, data.mesh.size)
     results[name] = {'batch_size': batch_size, 'images_per_sec': batch_size * steps / seconds,
                      'steps_per_sec': steps / seconds, 'compile_seconds': compile_seconds,
                      'flops_per_image': flops / batch_size,
@@ -100,7 +108,10 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
 
 
 def measure_pipeline(config, steps: int = 50) -> dict[str, float]:
-  """Images/s from the TFDS split, cold, to sharded device arrays; raises DatasetUnavailableError."""
+  """Images/s from the TFDS split, cold, to sharded device arrays.
+
+  Raises DatasetUnavailableError when the data set is not prepared.
+  """
   mesh = train.data_mesh()
   data = NamedSharding(mesh, P('data'))
   start = time.perf_counter()
@@ -140,7 +151,8 @@ def measure_torch(config, jax_param_count: int, steps: int, warmup: int) -> dict
   return result
 
 
-def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None = None) -> str:
+def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None = None,
+           peak_gflops: float = 0.0) -> str:
   lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
            f'embed={config.model.embed}',
@@ -151,6 +163,10 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
     lines.append(f'{name:10}{r["batch_size"]:>7}{r["images_per_sec"]:>10.1f}'
                  f'{r["steps_per_sec"]:>9.3f}{r["compile_seconds"]:>11.1f}'
                  f'{r["flops_per_image"] / 1e9:>11.3f}{r["gflops_per_sec"]:>9.1f}')
+  if peak_gflops:
+    lines.append('% of the given peak (' + f'{peak_gflops:,.0f} GFLOP/s): ' + ', '.join(
+        f'{name} {100 * steps[name]["gflops_per_sec"] / peak_gflops:.1f}%'
+        for name in ('train', 'eval')))
   if isinstance(pipeline, str):
     lines.append(f'pipeline  skipped: {pipeline}')
   else:
@@ -161,7 +177,8 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
   if torch_result:
     t, j = torch_result, steps['train']
     lines.append(f'{"pytorch":10}{t["batch_size"]:>7}{t["images_per_sec"]:>10.1f}'
-                 f'{t["steps_per_sec"]:>9.3f}   (torch {t["version"]}, {t["threads"]} threads, '
+                 f'{t["steps_per_sec"]:>9.3f}   (torch {t["version"]} on '
+                 f'{t.get("device", "cpu")}, {t.get("dtype", "float32")}, {t["threads"]} threads, '
                  f'{t["param_count"]:,} parameters as in JAX)')
     lines.append(f'JAX / PyTorch training throughput: '
                  f'{j["images_per_sec"] / t["images_per_sec"]:.2f}x')
@@ -183,7 +200,7 @@ def main(argv):
     pipeline = str(e).splitlines()[0]
   torch_result = (measure_torch(config, steps['train']['param_count'], _STEPS.value,
                                 _WARMUP.value) if _TORCH.value else None)
-  print(report(config, steps, pipeline, torch_result))
+  print(report(config, steps, pipeline, torch_result, _PEAK_GFLOPS.value))
 
 
 if __name__ == '__main__':
@@ -197,6 +214,8 @@ if __name__ == '__main__':
                                          'Batches to time the input pipeline over (0: skip).')
   _TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model in PyTorch (the bench '
                              'extra) and print the JAX / PyTorch ratio.')
+  _PEAK_GFLOPS = flags.DEFINE_float('peak_gflops', 0.0, 'The hardware\'s peak GFLOP/s for the '
+                                    'step\'s dtype: also print the achieved share of it (MFU).')
   input_pipeline.hide_gpus_from_tensorflow()
   jax.config.config_with_absl()  # --jax_num_cpu_devices=N: one host CPU seen as N devices
   app.run(main)

@@ -84,24 +84,37 @@ def param_count(model: nn.Module) -> int:
 
 
 def measure_train(config, steps: int = 20, warmup: int = 3) -> dict[str, float]:
-  """Images/s of SGD training steps on a fixed random batch (float32, this host's CPU threads)."""
+  """Images/s of SGD training steps on a fixed random batch, on CUDA when PyTorch sees a GPU.
+
+  config.model.dtype 'bfloat16' runs the step under bf16 autocast (weights stay float32, as in
+  the Flax model); on a CPU the step is float32 whatever the dtype, on this host's threads.
+  """
   torch.manual_seed(config.seed)
-  model = HybridNet(config.model).train()
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  bf16 = device.type == 'cuda' and config.model.dtype == 'bfloat16'
+  model = HybridNet(config.model).train().to(device)
   optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
                               momentum=config.momentum, weight_decay=config.weight_decay,
                               nesterov=config.nesterov)
-  x = torch.randn(config.batch_size, 3, 32, 32)
-  y = torch.randint(0, config.model.num_classes, (config.batch_size,))
+  x = torch.randn(config.batch_size, 3, 32, 32, device=device)
+  y = torch.randint(0, config.model.num_classes, (config.batch_size,), device=device)
+  sync = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
   for i in range(warmup + steps):
     if i == warmup:
+      sync()
       start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+      loss = F.cross_entropy(model(x), y)
+    loss.backward()
     optimizer.step()
+  sync()
   seconds = time.perf_counter() - start
   return {'batch_size': config.batch_size, 'images_per_sec': config.batch_size * steps / seconds,
           'steps_per_sec': steps / seconds, 'param_count': param_count(model),
-          'threads': torch.get_num_threads(), 'version': torch.__version__}
+          'threads': torch.get_num_threads(), 'version': torch.__version__,
+          'device': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
+          'dtype': 'bfloat16 autocast' if bf16 else 'float32'}
 
 
 if __name__ == '__main__':

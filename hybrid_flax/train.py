@@ -103,6 +103,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        f'augment.crop_padding must be in [0, 32), got {config.augment.crop_padding}'),
       (config.checkpoint_every_steps > 0 and config.log_every_steps > 0,
        'checkpoint_every_steps and log_every_steps must be positive'),
+      (config.eval_every_epochs > 0, 'eval_every_epochs must be positive (the last epoch is '
+                                     f'always evaluated), got {config.eval_every_epochs}'),
       (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
   ]
   over = f' of {jax.process_count()} processes' if jax.process_count() > 1 else ''

@@ -1,4 +1,5 @@
-"""The benchmark's measurements on the tiny config (figures are printed by the tool, not asserted)."""
+"""The benchmark's measurements on the tiny config (figures are printed by the tool, not
+asserted)."""
 
 import math
 
@@ -21,6 +22,26 @@ def test_steps_are_measured_with_xla_flop_counts():
   assert 2.0 < ratio < 4.0, ratio
 
 
+def test_flop_count_is_the_whole_batch_s_and_matches_an_analytic_count():
+  # Counted on the lowered program: global shapes whatever the device count, and convolutions
+  # counted on every backend (GPU-compiled programs hide them in cuDNN calls).
+  config = cifar_tiny.get_config()
+  config.model.attention = False
+  results = bench.measure_steps(config, steps=1, warmup=0)
+  widths, pool = config.model.widths, config.model.pool
+  size, cin, macs = 32, 3, 0
+  for stage in range(2):
+    for i in (2 * stage, 2 * stage + 1):
+      # XLA counts a 3x3 'same' convolution's in-bounds taps only: (3n - 2)^2 per n x n map.
+      macs += (3 * size - 2) ** 2 * cin * widths[i]  # the conv runs before the block's max-pool
+      size, cin = (size // 2 if pool[i] else size), widths[i]
+    macs += 2 * (3 * size - 2) ** 2 * cin * cin  # the residual block's two convs
+  analytic = 2 * (macs + cin * config.model.num_classes)
+  # The forward pass: convolutions and the head dominate; batch norm, ReLU and pooling add a
+  # few percent.
+  assert analytic < results['eval']['flops_per_image'] < 1.1 * analytic
+
+
 def test_pipeline_is_measured_on_the_data_set_and_reported(tiny_data_dir):
   config = cifar_tiny.get_config()
   config.dataset, config.data_dir = 'cifar10_folder', tiny_data_dir
@@ -31,3 +52,6 @@ def test_pipeline_is_measured_on_the_data_set_and_reported(tiny_data_dir):
   text = bench.report(config, steps, pipeline)
   assert [line.split()[0] for line in text.splitlines()[2:]] == ['train', 'eval', 'pipeline']
   assert 'pipeline  skipped: not imported' in bench.report(config, steps, 'not imported')
+  half = bench.report(config, steps, 'not imported',
+                      peak_gflops=2 * steps['train']['gflops_per_sec'])
+  assert 'train 50.0%' in half.splitlines()[4], half

@@ -126,6 +126,7 @@ def test_learning_rate_schedules():
     ('num_epochs', 0, 'num_epochs must be positive'),
     ('momentum', 1.5, 'momentum'),
     ('grad_clip_norm', -1.0, 'grad_clip_norm'),
+    ('eval_every_epochs', 0, 'eval_every_epochs must be positive'),
 ])
 def test_bad_configs_fail_before_compiling(field, value, match):
   config = cifar_tiny.get_config()
