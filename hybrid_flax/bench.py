@@ -178,7 +178,7 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
     t, j = torch_result, steps['train']
     lines.append(f'{"pytorch":10}{t["batch_size"]:>7}{t["images_per_sec"]:>10.1f}'
                  f'{t["steps_per_sec"]:>9.3f}   (torch {t["version"]} on '
-                 f'{t.get("device", "cpu")}, {t.get("dtype", "float32")}, {t["threads"]} threads, '
+                 f'{t["device"]}, {t["dtype"]}, {t["threads"]} threads, '
                  f'{t["param_count"]:,} parameters as in JAX)')
     lines.append(f'JAX / PyTorch training throughput: '
                  f'{j["images_per_sec"] / t["images_per_sec"]:.2f}x')
