@@ -135,24 +135,41 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng((seed, epoch)).permutation(n)
 
 
-def train_batches(reader: SplitReader, *, batch_size: int, seed: int, start_step: int,
-                  num_steps: int, rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
-  """Yields rows `rows` of global batches `start_step` .. `num_steps - 1`.
+def train_indices(num_examples: int, *, batch_size: int, seed: int, start_step: int,
+                  num_steps: int) -> Iterator[np.ndarray]:
+  """Yields the example indices of global batches `start_step` .. `num_steps - 1`.
 
   Each epoch is a fresh permutation of the training set (the last partial batch is dropped so
-  every step has the same shape and the step count alone locates a batch). A global batch is a
-  function of (seed, step) only; each process reads just its rows of it.
+  every step has the same shape and the step count alone locates a batch): a global batch is a
+  function of (seed, step) only.
   """
-  steps_per_epoch = len(reader) // batch_size
+  steps_per_epoch = num_examples // batch_size
   epoch, perm = -1, None
   for step in range(start_step, num_steps):
     if step // steps_per_epoch != epoch:
       epoch = step // steps_per_epoch
-      perm = epoch_permutation(seed, epoch, len(reader))
+      perm = epoch_permutation(seed, epoch, num_examples)
     i = (step % steps_per_epoch) * batch_size
     # Sorted over the whole global batch (not per process): the row order, and with it the
     # summation order on the devices, is the same for any process count.
-    yield reader.read(np.sort(perm[i:i + batch_size])[rows])
+    yield np.sort(perm[i:i + batch_size])
+
+
+def train_batches(reader: SplitReader, *, batch_size: int, seed: int, start_step: int,
+                  num_steps: int, rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+  """Yields rows `rows` of the global batches of `train_indices`: each process reads just its
+  rows."""
+  for idx in train_indices(len(reader), batch_size=batch_size, seed=seed,
+                           start_step=start_step, num_steps=num_steps):
+    yield reader.read(idx[rows])
+
+
+def train_index_batches(num_examples: int, *, batch_size: int, seed: int, start_step: int,
+                        num_steps: int, rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+  """The same batches as `train_batches`, as indices into a split kept on the device."""
+  for idx in train_indices(num_examples, batch_size=batch_size, seed=seed,
+                           start_step=start_step, num_steps=num_steps):
+    yield {'index': idx[rows].astype(np.int32)}
 
 
 def eval_batches(reader: SplitReader, batch_size: int,

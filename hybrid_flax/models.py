@@ -16,6 +16,7 @@ import jax.numpy as jnp
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+ATTENTION_NORMS = ('none', 'batch', 'layer')
 
 
 class ConvBlock(nn.Module):
@@ -45,15 +46,20 @@ class AttentionBlock(nn.Module):
   """Self-attention over the H*W positions of a feature map (paper eqs. 8-13).
 
   (B,H,W,C) -> (B,HW,C) -> Dense -> MHSA(x) + x -> Dense -> (B,H,W,C). With `embed=False`
-  the two Dense layers are dropped: the paper's 60% ablation.
+  the two Dense layers are dropped: the paper's 60% ablation. `norm` ('batch' or 'layer'; not
+  in the paper) normalises the block's output, which the paper's block leaves unbounded (the
+  second block reaches the classifier through a residual block and a max-pool only): a switch
+  for testing whether that is what makes large learning rates diverge.
   """
 
   num_heads: int
   embed: bool = True
+  norm: str = 'none'
+  bn_momentum: float = _BN_MOMENTUM
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     b, h, w, c = x.shape
     if c % self.num_heads:
       raise ValueError(f'{c} channels do not split into {self.num_heads} attention heads')
@@ -68,6 +74,13 @@ class AttentionBlock(nn.Module):
     x = attn(x, sow_weights=True) + x
     if self.embed:
       x = nn.Dense(c, dtype=self.dtype, name='embed_out')(x)
+    if self.norm == 'batch':
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=_BN_EPSILON, dtype=self.dtype, name='norm')(x)
+    elif self.norm == 'layer':
+      x = nn.LayerNorm(epsilon=_BN_EPSILON, dtype=self.dtype, name='norm')(x)
+    elif self.norm != 'none':
+      raise ValueError(f'attention norm must be one of {ATTENTION_NORMS}, got {self.norm!r}')
     return x.reshape(b, h, w, c)
 
 
@@ -89,7 +102,8 @@ class HybridNet(nn.Module):
   """Two stages of (conv, conv, attention, residual), then max-pool + dropout + Dense.
 
   `widths` and `pool` list the four conv blocks in order (two per stage); `num_heads` applies
-  to both attention blocks.
+  to both attention blocks. `logit_scale` multiplies the logits (ResNet-9's 0.125; 1 in the
+  paper).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -97,6 +111,8 @@ class HybridNet(nn.Module):
   attention: bool = True
   embed: bool = True
   num_heads: int = 8
+  attention_norm: str = 'none'
+  logit_scale: float = 1.0
   num_classes: int = 10
   dropout: float = 0.0
   bn_momentum: float = _BN_MOMENTUM
@@ -110,15 +126,16 @@ class HybridNet(nn.Module):
         x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
                       dtype=self.dtype, name=f'conv{i + 1}')(x, train)
       if self.attention:
-        x = AttentionBlock(self.num_heads, embed=self.embed, dtype=self.dtype,
-                           name=f'attention{stage + 1}')(x)
+        x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
+                           bn_momentum=self.bn_momentum, dtype=self.dtype,
+                           name=f'attention{stage + 1}')(x, train)
       x = ResidualBlock(bn_momentum=self.bn_momentum, dtype=self.dtype,
                         name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.float32) * self.logit_scale
 
 
 def validate_model_config(model_config) -> None:
@@ -136,6 +153,11 @@ def validate_model_config(model_config) -> None:
       if w % model_config.num_heads:
         raise ValueError(f'attention width {w} (model.widths={widths}) is not divisible by '
                          f'model.num_heads={model_config.num_heads}')
+  if model_config.attention_norm not in ATTENTION_NORMS:
+    raise ValueError(f'model.attention_norm must be one of {ATTENTION_NORMS}, '
+                     f'got {model_config.attention_norm!r}')
+  if not model_config.logit_scale > 0:
+    raise ValueError(f'model.logit_scale must be positive, got {model_config.logit_scale}')
   if not 0.0 <= model_config.dropout < 1.0:
     raise ValueError(f'model.dropout must be in [0, 1), got {model_config.dropout}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
@@ -152,6 +174,8 @@ def create_model(model_config) -> HybridNet:
       attention=model_config.attention,
       embed=model_config.embed,
       num_heads=model_config.num_heads,
+      attention_norm=model_config.attention_norm,
+      logit_scale=model_config.logit_scale,
       num_classes=model_config.num_classes,
       dropout=model_config.dropout,
       bn_momentum=model_config.bn_momentum,

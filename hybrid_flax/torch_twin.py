@@ -33,17 +33,20 @@ class ConvBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
 
-  def __init__(self, c: int, num_heads: int, embed: bool):
+  def __init__(self, c: int, num_heads: int, embed: bool, norm: str):
     super().__init__()
     self.embed_in = nn.Linear(c, c) if embed else nn.Identity()
     self.mhsa = nn.MultiheadAttention(c, num_heads, batch_first=True)
     self.embed_out = nn.Linear(c, c) if embed else nn.Identity()
+    self.layer_norm = nn.LayerNorm(c, eps=1e-5) if norm == 'layer' else nn.Identity()
+    self.batch_norm = nn.BatchNorm2d(c, eps=1e-5, momentum=0.1) if norm == 'batch' else nn.Identity()
 
   def forward(self, x):
     b, c, h, w = x.shape
     x = self.embed_in(x.flatten(2).transpose(1, 2))
     x = self.mhsa(x, x, x, need_weights=False)[0] + x
-    return self.embed_out(x).transpose(1, 2).reshape(b, c, h, w)
+    x = self.layer_norm(self.embed_out(x))
+    return self.batch_norm(x.transpose(1, 2).reshape(b, c, h, w))
 
 
 class ResidualBlock(nn.Module):
@@ -68,15 +71,17 @@ class HybridNet(nn.Module):
         layers.append(ConvBlock(cin, widths[i], pool[i]))
         cin = widths[i]
       if model_config.attention:
-        layers.append(AttentionBlock(cin, model_config.num_heads, model_config.embed))
+        layers.append(AttentionBlock(cin, model_config.num_heads, model_config.embed,
+                                     model_config.attention_norm))
       layers.append(ResidualBlock(cin))
     self.trunk = nn.Sequential(*layers)
     self.dropout = nn.Dropout(model_config.dropout)
     self.head = nn.Linear(cin, model_config.num_classes)
+    self.logit_scale = model_config.logit_scale
 
   def forward(self, x):
     x = torch.amax(self.trunk(x), dim=(2, 3))  # global max-pool, as in models.py
-    return self.head(self.dropout(x))
+    return self.head(self.dropout(x)) * self.logit_scale
 
 
 def param_count(model: nn.Module) -> int:

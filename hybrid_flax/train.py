@@ -223,6 +223,16 @@ def make_train_step(config, learning_rate_fn):
                            label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
 
 
+def gather_batch(data, batch):
+  """The examples `batch['index']` of a split held on the device (config.data_on_device)."""
+  return {'image': data['image'][batch['index']], 'label': data['label'][batch['index']]}
+
+
+def train_step_on_device_data(state: TrainState, batch, data, step_fn):
+  """`step_fn` (a bound `train_step`) on the batch gathered from `data` by its indices."""
+  return step_fn(state, gather_batch(data, batch))
+
+
 def eval_variables(state: TrainState) -> dict[str, Any]:
   """The weights to evaluate: the running average when the recipe keeps one."""
   if state.ema is not None:
@@ -407,9 +417,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   logging.info('Model: %d parameters; %d steps/epoch, %d steps total, %d devices.', param_count,
                steps_per_epoch, total_steps, mesh.size)
 
-  train_fn = jax.jit(make_train_step(config, learning_rate_fn),
-                     in_shardings=(replicated, data_sharding),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+  step_fn = make_train_step(config, learning_rate_fn)
+  if config.data_on_device:
+    # The whole split, replicated on every device (150 MB as uint8); each step receives only
+    # its examples' indices and gathers them inside the jitted step: no per-step host work.
+    data = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
+                        train_reader.read(np.arange(len(train_reader))))
+    gather_and_step = jax.jit(functools.partial(train_step_on_device_data, step_fn=step_fn),
+                              in_shardings=(replicated, data_sharding, replicated),
+                              out_shardings=(replicated, replicated), donate_argnums=0)
+    train_fn = lambda state, batch: gather_and_step(state, batch, data)
+    batches = input_pipeline.train_index_batches(
+        len(train_reader), batch_size=config.batch_size, seed=config.seed,
+        start_step=start_step, num_steps=total_steps, rows=train_rows)
+  else:
+    train_fn = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+    batches = input_pipeline.train_batches(
+        train_reader, batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+        num_steps=total_steps, rows=train_rows)
+  batches = input_pipeline.to_device(batches, data_sharding)
   eval_fn = jax.jit(functools.partial(eval_step, flip=config.eval_flip),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
   writer = metric_writer.MetricWriter(workdir, start_step)
@@ -421,10 +448,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
                                         'step': step, 'epoch': step // steps_per_epoch,
                                         'batch_in_epoch': step % steps_per_epoch})
 
-  batches = input_pipeline.to_device(
-      input_pipeline.train_batches(train_reader, batch_size=config.batch_size,
-                                   seed=config.seed, start_step=start_step,
-                                   num_steps=total_steps, rows=train_rows), data_sharding)
   progress = _progress(config, is_main, total_steps, start_step, steps_per_epoch)
   last_log_time, last_log_step = time.time(), start_step
   epoch_start_time, epoch_start_step = time.time(), start_step

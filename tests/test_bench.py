@@ -55,3 +55,17 @@ def test_pipeline_is_measured_on_the_data_set_and_reported(tiny_data_dir):
   half = bench.report(config, steps, 'not imported',
                       peak_gflops=2 * steps['train']['gflops_per_sec'])
   assert 'train 50.0%' in half.splitlines()[4], half
+
+
+def test_data_on_device_is_measured_as_the_gathering_step_and_index_batches(tiny_data_dir):
+  config = cifar_tiny.get_config()
+  config.dataset, config.data_dir = 'cifar10_folder', tiny_data_dir
+  config.data_on_device = True
+  pipeline = bench.measure_pipeline(config, steps=50)
+  assert pipeline['load_seconds'] > 0 and pipeline['images_per_sec'] > 0
+  steps = bench.measure_steps(config, steps=1, warmup=0)
+  host = bench.measure_steps(cifar_tiny.get_config(), steps=1, warmup=0)
+  # The gather adds no arithmetic worth counting: the same step, fed differently.
+  assert steps['train']['flops_per_image'] == pytest.approx(host['train']['flops_per_image'],
+                                                            rel=0.01)
+  assert 'indices into the split on the device' in bench.report(config, steps, pipeline)

@@ -200,6 +200,18 @@ def test_stream_resumed_at_any_step_matches_the_uninterrupted_stream():
       np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize('rows', [np.arange(8), np.arange(4, 8)])
+def test_index_batches_name_the_examples_the_host_pipeline_reads(rows):
+  # config.data_on_device gathers these indices from the split on the device.
+  host = _stream(n=50, batch_size=8, start_step=3, num_steps=15, rows=rows)
+  indices = [b['index'] for b in input_pipeline.train_index_batches(
+      50, batch_size=8, seed=0, start_step=3, num_steps=15, rows=rows)]
+  assert len(indices) == len(host) == 12
+  for idx, labels in zip(indices, host):  # example i's label is i
+    assert idx.dtype == np.int32
+    np.testing.assert_array_equal(idx, labels)
+
+
 @pytest.mark.parametrize('processes', [2, 4])
 def test_processes_read_disjoint_rows_that_make_up_the_one_process_batches(processes):
   n, batch, steps = 50, 8, 12  # 6 steps per epoch: two epochs

@@ -247,3 +247,18 @@ def test_random_sigkills_anywhere_leave_the_final_state_unchanged(reference_run,
   assert 'IDENTICAL to the uninterrupted run' in check.stdout
   kills = int(check.stdout.split(' kills (')[0].split()[-1])
   assert kills >= 1, check.stdout
+
+
+def test_data_on_device_trains_exactly_like_the_host_pipeline(reference_run, tiny_data_dir,
+                                                              tmp_path):
+  proc = _launch(tmp_path, tiny_data_dir, '--config.data_on_device=True')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  # The same batches, gathered on the device instead of on the host: the same training.
+  ref_step, ref = _final_params(reference_run[0])
+  step, got = _final_params(tmp_path)
+  assert step == ref_step == TOTAL_STEPS
+  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(ref)[0],
+                               jax.tree_util.tree_flatten_with_path(got)[0]):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))
+  ref_test = [m['test_accuracy'] for m in _metrics(reference_run[0]) if m['kind'] == 'epoch']
+  assert [m['test_accuracy'] for m in _metrics(tmp_path) if m['kind'] == 'epoch'] == ref_test

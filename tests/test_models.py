@@ -34,6 +34,9 @@ def _model(**overrides):
     ({}, 6_575_370 + (6 * 128**2 + 6 * 128) + (6 * 512**2 + 6 * 512)),
     ({'embed': False}, 6_575_370 + (4 * 128**2 + 4 * 128) + (4 * 512**2 + 4 * 512)),
     ({'attention': False}, 6_575_370),
+    # A norm after each attention block: a scale and an offset per channel.
+    ({'attention_norm': 'batch'}, 8_250_378 + 2 * 128 + 2 * 512),
+    ({'attention_norm': 'layer'}, 8_250_378 + 2 * 128 + 2 * 512),
 ])
 def test_pinned_parameter_counts(overrides, expected):
   assert _param_count(_model(**overrides)) == expected
@@ -106,6 +109,26 @@ def test_attention_is_permutation_equivariant_over_positions():
   assert float(jnp.abs(moved[:, 1:] - out[:, 1:]).max()) > 1e-4
 
 
+@pytest.mark.parametrize('norm', ['batch', 'layer'])
+def test_attention_norm_normalises_the_block_output(norm):
+  block = models.AttentionBlock(num_heads=2, norm=norm)
+  x = 50.0 * jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 8))
+  variables = block.init(jax.random.PRNGKey(1), x)
+  out, _ = block.apply(variables, x, train=True, mutable=['batch_stats'])
+  axes = (0, 1, 2) if norm == 'batch' else (3,)  # per channel over the batch, or per position
+  np.testing.assert_allclose(out.mean(axis=axes), 0.0, atol=1e-4)
+  np.testing.assert_allclose(out.std(axis=axes), 1.0, atol=1e-3)
+
+
+def test_logit_scale_multiplies_the_logits():
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  variables = _model(widths=(8, 16, 16, 32), num_heads=2).init(jax.random.PRNGKey(0), x)
+  plain = _model(widths=(8, 16, 16, 32), num_heads=2).apply(variables, x)
+  scaled = _model(widths=(8, 16, 16, 32), num_heads=2, logit_scale=0.125).apply(variables, x)
+  np.testing.assert_allclose(scaled, 0.125 * plain, rtol=1e-6)
+  assert float(jnp.abs(plain).max()) > 0
+
+
 def test_attention_block_rejects_heads_that_do_not_divide_channels():
   with pytest.raises(ValueError, match='attention heads'):
     models.AttentionBlock(num_heads=3).init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 8)))
@@ -116,6 +139,8 @@ def test_attention_block_rejects_heads_that_do_not_divide_channels():
     ({'widths': (8, 18, 16, 32), 'num_heads': 4}, 'not divisible'),
     ({'num_heads': 0}, 'positive'),
     ({'dropout': 1.0}, 'dropout'),
+    ({'attention_norm': 'group'}, 'attention_norm'),
+    ({'logit_scale': 0.0}, 'logit_scale'),
 ])
 def test_invalid_model_configs_fail_with_a_reason(overrides, match):
   with pytest.raises(ValueError, match=match):
@@ -136,7 +161,8 @@ def _block_fn(block, x, train_mode):
 
 
 @pytest.mark.parametrize('name', ['conv', 'conv_pool', 'residual', 'attention',
-                                  'attention_noembed'])
+                                  'attention_noembed', 'attention_batchnorm',
+                                  'attention_layernorm'])
 def test_block_gradients_match_finite_differences(name):
   block, train_mode = {
       'conv': (models.ConvBlock(4, dtype=jnp.float64), {'train': True}),
@@ -144,6 +170,9 @@ def test_block_gradients_match_finite_differences(name):
       'residual': (models.ResidualBlock(dtype=jnp.float64), {'train': True}),
       'attention': (models.AttentionBlock(2, dtype=jnp.float64), {}),
       'attention_noembed': (models.AttentionBlock(2, embed=False, dtype=jnp.float64), {}),
+      'attention_batchnorm': (models.AttentionBlock(2, norm='batch', dtype=jnp.float64),
+                              {'train': True}),
+      'attention_layernorm': (models.AttentionBlock(2, norm='layer', dtype=jnp.float64), {}),
   }[name]
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 4), dtype=jnp.float64)

@@ -81,6 +81,33 @@ def test_sharded_step_on_4_devices_matches_one_device():
   assert l1 == pytest.approx(l4, rel=1e-4)
 
 
+def test_on_device_gather_step_on_4_devices_matches_the_fed_batch():
+  # config.data_on_device: the split replicated, the indices sharded, the gather in the step.
+  split = _batch(32)
+  index = np.array([3, 5, 6, 11, 17, 20, 21, 22, 24, 25, 26, 27, 28, 29, 30, 31], np.int32)
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  data, rep = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+  results = []
+  for on_device in (False, True):
+    state, lr_fn = _setup()
+    state = jax.device_put(state, rep)
+    step_fn = functools.partial(train.train_step, learning_rate_fn=lr_fn)
+    if on_device:
+      fn = jax.jit(functools.partial(train.train_step_on_device_data, step_fn=step_fn),
+                   in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=0)
+      args = (jax.device_put({'index': index}, data), jax.device_put(split, rep))
+    else:
+      fn = jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep),
+                   donate_argnums=0)
+      args = (jax.device_put({k: v[index] for k, v in split.items()}, data),)
+    for _ in range(2):
+      state, metrics = fn(state, *args)
+    results.append((jax.device_get(state.params), float(metrics['loss'])))
+  (p_host, l_host), (p_dev, l_dev) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p_host, p_dev)
+  assert l_host == pytest.approx(l_dev, rel=1e-6)
+
+
 def test_sgd_weight_decay_is_pytorch_style_and_coupled():
   config = cifar_tiny.get_config()
   config.learning_rate, config.weight_decay, config.momentum = 0.1, 0.01, 0.9
