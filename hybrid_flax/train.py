@@ -426,7 +426,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
     gather_and_step = jax.jit(functools.partial(train_step_on_device_data, step_fn=step_fn),
                               in_shardings=(replicated, data_sharding, replicated),
                               out_shardings=(replicated, replicated), donate_argnums=0)
-    train_fn = lambda state, batch: gather_and_step(state, batch, data)
+
+    def train_fn(state, batch):
+      return gather_and_step(state, batch, data)
+
     batches = input_pipeline.train_index_batches(
         len(train_reader), batch_size=config.batch_size, seed=config.seed,
         start_step=start_step, num_steps=total_steps, rows=train_rows)
