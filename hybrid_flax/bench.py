@@ -86,21 +86,20 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
   results = {}
   # Eval first: the train steps donate (consume) the state.
   for name, batch_size in (('eval', config.eval_batch_size), ('train', config.batch_size)):
-    args = (_random_batch(batch_size, data),)
-    if name == 'train' and config.data_on_device:
-      # A random split of CIFAR-10's size on every device; the step gathers its batch there.
-      split = _random_batch(_CIFAR10_TRAIN_SIZE, replicated, seed=1)
-      indices = np.random.default_rng(2).choice(_CIFAR10_TRAIN_SIZE, batch_size, replace=False)
-      args = (jax.device_put({'index': np.sort(indices).astype(np.int32)}, data),
-              {'image': split['image'], 'label': split['label']})
-      step = functools.partial(train.train_step_on_device_data,
-                               step_fn=train.make_train_step(config, learning_rate_fn))
-      fn = jax.jit(step, in_shardings=(replicated, data, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
-    elif name == 'train':
+    args, arg_shardings = (_random_batch(batch_size, data),), (data,)
+    if name == 'train':
       step = train.make_train_step(config, learning_rate_fn)
-      fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                   donate_argnums=0)
+      if config.data_on_device:
+        # A random split of CIFAR-10's size on every device; the step gathers its batch there.
+        split = _random_batch(_CIFAR10_TRAIN_SIZE, replicated, seed=1)
+        indices = np.random.default_rng(2).choice(_CIFAR10_TRAIN_SIZE, batch_size,
+                                                  replace=False)
+        args = (jax.device_put({'index': np.sort(indices).astype(np.int32)}, data),
+                {'image': split['image'], 'label': split['label']})
+        arg_shardings = (data, replicated)
+        step = functools.partial(train.train_step_on_device_data, step_fn=step)
+      fn = jax.jit(step, in_shardings=(replicated, *arg_shardings),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
     else:
       step = functools.partial(train.eval_step, flip=config.eval_flip)
       fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=replicated)

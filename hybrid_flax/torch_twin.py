@@ -39,7 +39,8 @@ class AttentionBlock(nn.Module):
     self.mhsa = nn.MultiheadAttention(c, num_heads, batch_first=True)
     self.embed_out = nn.Linear(c, c) if embed else nn.Identity()
     self.layer_norm = nn.LayerNorm(c, eps=1e-5) if norm == 'layer' else nn.Identity()
-    self.batch_norm = nn.BatchNorm2d(c, eps=1e-5, momentum=0.1) if norm == 'batch' else nn.Identity()
+    self.batch_norm = (nn.BatchNorm2d(c, eps=1e-5, momentum=0.1) if norm == 'batch'
+                       else nn.Identity())
 
   def forward(self, x):
     b, c, h, w = x.shape
