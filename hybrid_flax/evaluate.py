@@ -1,6 +1,7 @@
 r"""Evaluates a run's latest checkpoint: accuracy, per-class accuracy and the confusion matrix.
 
   python -m hybrid_flax.evaluate --workdir runs/hybrid [--split test] [--dataset D --data_dir DIR]
+      [--eval_flip true|false] [--eval_translate N]
 
 Prints the report and writes WORKDIR/eval/step_<N>.json and WORKDIR/figures/confusion_step_<N>.png.
 The data set, data dir and split default to the run's own.
@@ -55,10 +56,20 @@ def main(argv=None):
   parser.add_argument('--dataset', default='', help="TFDS data set (default: the run's)")
   parser.add_argument('--data_dir', default=None, help="TFDS data dir (default: the run's)")
   parser.add_argument('--batch_size', type=int, default=500)
+  parser.add_argument('--eval_flip', choices=('true', 'false'), default=None,
+                      help="test-time flip averaging (default: the run's config)")
+  parser.add_argument('--eval_translate', type=int, default=None,
+                      help="test-time shifted views, in pixels (default: the run's config)")
   args = parser.parse_args(argv)
+  if args.eval_translate is not None and not 0 <= args.eval_translate < 32:
+    raise ValueError(f'--eval_translate must be in [0, 32), got {args.eval_translate}')
   input_pipeline.hide_gpus_from_tensorflow()
   run = inference.load_run(args.workdir)
   config = run.config
+  if args.eval_flip is not None:
+    config.eval_flip = args.eval_flip == 'true'
+  if args.eval_translate is not None:
+    config.eval_translate = args.eval_translate
   dataset = args.dataset or config.dataset
   split = args.split or config.eval_split
   data_dir = config.data_dir if args.data_dir is None else args.data_dir
@@ -66,8 +77,10 @@ def main(argv=None):
   result = evaluate_run(run, images, labels, args.batch_size)
   result.update(dataset=dataset, split=split, workdir=run.workdir)
   classes = input_pipeline.CIFAR10_CLASSES
+  result.update(eval_flip=bool(config.eval_flip), eval_translate=int(config.eval_translate))
   print(f'{run.workdir}: checkpoint at step {run.step}, {dataset}[{split}], '
-        f'{len(labels)} examples\n{report(result, classes)}')
+        f'{len(labels)} examples, test-time flip {config.eval_flip}, translate '
+        f'{config.eval_translate}\n{report(result, classes)}')
   json_path = os.path.join(run.workdir, 'eval', f'step_{run.step}.json')
   os.makedirs(os.path.dirname(json_path), exist_ok=True)
   with open(json_path, 'w') as f:

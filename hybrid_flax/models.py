@@ -10,6 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here), so the paper's learning
 # rate sees the same normalisation statistics.
@@ -19,17 +20,63 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION_NORMS = ('none', 'batch', 'layer')
 
 
+def dirac_init(base=nn.initializers.lecun_normal()):
+  """`base`, except that output channel i < input channels is the identity on input channel i.
+
+  airbench's identity initialisation: each block then starts close to passing its input on,
+  which lets a short schedule train the deep layers from the first steps. Only the start
+  changes, not the model's function.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    kernel = base(key, shape, dtype)
+    kh, kw, cin, cout = shape
+    n = min(cin, cout)
+    identity = jnp.zeros((kh, kw, n, n), dtype).at[kh // 2, kw // 2].set(jnp.eye(n, dtype=dtype))
+    return kernel.at[:, :, :n, :n].set(identity)
+  return init
+
+
+def whitening_kernel(images: np.ndarray, features: int, size: int = 3,
+                     eps: float = 5e-4) -> np.ndarray:
+  """A conv kernel [size, size, C, features] that whitens the images' size x size patches.
+
+  Page (2018) / airbench: the first layer starts as (and stays, being frozen) the projection of
+  each patch onto the top features/2 eigenvectors of the patch covariance, each scaled by
+  1/sqrt(eigenvalue), and its negation, so after the ReLU both signs survive. `images` are
+  preprocessed [N, H, W, C] float arrays (a few thousand training images are plenty).
+  """
+  images = np.asarray(images, np.float64)
+  c = images.shape[-1]
+  dim = size * size * c
+  if features % 2 or not 0 < features <= 2 * dim:
+    raise ValueError(f'a whitened first layer needs an even width of at most {2 * dim} '
+                     f'(two per eigenvector of a {size}x{size}x{c} patch), got {features}')
+  h, w = images.shape[1:3]
+  # Every valid patch, flattened in the kernel's (row, column, channel) order.
+  patches = np.stack([images[:, i:i + h - size + 1, j:j + w - size + 1]
+                      for i in range(size) for j in range(size)], axis=3).reshape(-1, dim)
+  patches = patches - patches.mean(0)
+  eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
+  top = np.argsort(eigenvalues)[::-1][:features // 2]
+  filters = eigenvectors[:, top] / np.sqrt(eigenvalues[top] + eps)
+  kernel = np.concatenate([filters, -filters], axis=1)
+  return kernel.reshape(size, size, c, features).astype(np.float32)
+
+
 class ConvBlock(nn.Module):
   """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool."""
 
   features: int
   pool: bool = False
   bn_momentum: float = _BN_MOMENTUM
+  dirac: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)(x)
+    init = dirac_init() if self.dirac else nn.initializers.lecun_normal()
+    x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
+                dtype=self.dtype)(x)
     x = nn.BatchNorm(
         use_running_average=not train,
         momentum=self.bn_momentum,
@@ -88,13 +135,14 @@ class ResidualBlock(nn.Module):
   """x + ConvBlock(ConvBlock(x)); no pooling, so shape and channels are unchanged."""
 
   bn_momentum: float = _BN_MOMENTUM
+  dirac: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     c = x.shape[-1]
-    y = ConvBlock(c, bn_momentum=self.bn_momentum, dtype=self.dtype)(x, train)
-    y = ConvBlock(c, bn_momentum=self.bn_momentum, dtype=self.dtype)(y, train)
+    y = ConvBlock(c, bn_momentum=self.bn_momentum, dirac=self.dirac, dtype=self.dtype)(x, train)
+    y = ConvBlock(c, bn_momentum=self.bn_momentum, dirac=self.dirac, dtype=self.dtype)(y, train)
     return x + y
 
 
@@ -103,7 +151,7 @@ class HybridNet(nn.Module):
 
   `widths` and `pool` list the four conv blocks in order (two per stage); `num_heads` applies
   to both attention blocks. `logit_scale` multiplies the logits (ResNet-9's 0.125; 1 in the
-  paper).
+  paper). `dirac` starts every conv but the first as an identity where it can (`dirac_init`).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -116,6 +164,7 @@ class HybridNet(nn.Module):
   num_classes: int = 10
   dropout: float = 0.0
   bn_momentum: float = _BN_MOMENTUM
+  dirac: bool = False
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
@@ -124,12 +173,12 @@ class HybridNet(nn.Module):
     for stage in range(2):
       for i in (2 * stage, 2 * stage + 1):
         x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
-                      dtype=self.dtype, name=f'conv{i + 1}')(x, train)
+                      dirac=self.dirac and i > 0, dtype=self.dtype, name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
                            bn_momentum=self.bn_momentum, dtype=self.dtype,
                            name=f'attention{stage + 1}')(x, train)
-      x = ResidualBlock(bn_momentum=self.bn_momentum, dtype=self.dtype,
+      x = ResidualBlock(bn_momentum=self.bn_momentum, dirac=self.dirac, dtype=self.dtype,
                         name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
@@ -162,6 +211,9 @@ def validate_model_config(model_config) -> None:
     raise ValueError(f'model.dropout must be in [0, 1), got {model_config.dropout}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ValueError(f'model.bn_momentum must be in [0, 1), got {model_config.bn_momentum}')
+  if model_config.whiten and (widths[0] % 2 or widths[0] > 54):
+    raise ValueError(f'model.whiten needs an even first width of at most 54 (two channels per '
+                     f'eigenvector of a 3x3x3 patch), got model.widths[0]={widths[0]}')
   if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
 
@@ -179,5 +231,6 @@ def create_model(model_config) -> HybridNet:
       num_classes=model_config.num_classes,
       dropout=model_config.dropout,
       bn_momentum=model_config.bn_momentum,
+      dirac=model_config.dirac,
       dtype=DTYPES[model_config.dtype],
   )

@@ -99,6 +99,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (0 <= config.label_smoothing < 1,
        f'label_smoothing must be in [0, 1), got {config.label_smoothing}'),
       (0 <= config.ema_decay < 1, f'ema_decay must be in [0, 1), got {config.ema_decay}'),
+      (config.bn_bias_lr_scale > 0,
+       f'bn_bias_lr_scale must be positive, got {config.bn_bias_lr_scale}'),
+      (0 <= config.eval_translate < 32,
+       f'eval_translate must be in [0, 32), got {config.eval_translate}'),
       (0 <= config.augment.crop_padding < 32,
        f'augment.crop_padding must be in [0, 32), got {config.augment.crop_padding}'),
       (config.checkpoint_every_steps > 0 and config.log_every_steps > 0,
@@ -134,17 +138,46 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
   return optax.join_schedules([ramp, main], boundaries=[warmup])
 
 
+# The parameter that `model.whiten` sets from the data and then freezes.
+WHITENED_KERNEL = ('conv1', 'Conv_0', 'kernel')
+# Training images the whitening filters are estimated from (airbench uses 5,000).
+WHITENING_IMAGES = 5000
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', k)) for k in path)
+
+
+def _param_mask(predicate):
+  """An optax mask: predicate(path names, parameter) for every parameter."""
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: predicate(_path_names(path), p), params)
+
+
 def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+  # Read now: the masks are called at init and update time, when the config may have changed.
+  whiten, decay_all = bool(config.model.whiten), bool(config.weight_decay_norm_and_bias)
+  frozen = lambda names: whiten and names == WHITENED_KERNEL
+  # The whitened first layer is fixed: its gradient is zeroed before anything sees it (XLA
+  # then drops its computation), so it is neither clipped for, decayed nor moved.
+  freeze = ([optax.masked(optax.set_to_zero(), _param_mask(lambda n, p: frozen(n)))]
+            if whiten else [])
   # PyTorch's SGD(weight_decay=...) adds wd * param to the gradient before momentum, on every
   # parameter: the paper's setup, so the same here.
   clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
   # Off: batch-norm scales/offsets and biases (every 1-D parameter) are not decayed, as the
   # fast trainers do; decaying them only fights the normalisation.
-  mask = None if config.weight_decay_norm_and_bias else (
-      lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+  decay = _param_mask(lambda n, p: not frozen(n) and (decay_all or p.ndim > 1))
+  # airbench's bias scaler: batch-norm offsets move `bn_bias_lr_scale` times faster (SGD is
+  # linear in the gradient, so scaling it before momentum scales their learning rate).
+  bias_scale = ([optax.masked(optax.scale(config.bn_bias_lr_scale), _param_mask(
+      lambda n, p: n[-1] == 'bias' and n[-2].startswith('BatchNorm')))]
+                if config.bn_bias_lr_scale != 1 else [])
   return optax.chain(
+      *freeze,
       *clip,
-      optax.add_decayed_weights(config.weight_decay, mask=mask),
+      optax.add_decayed_weights(config.weight_decay, mask=decay),
+      *bias_scale,
       optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
   )
 
@@ -155,6 +188,22 @@ def create_train_state(rng, model, tx, image_shape, ema: bool = False) -> TrainS
   return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                            batch_stats=variables['batch_stats'], rng=dropout_rng,
                            ema=dict(variables) if ema else None)
+
+
+def whiten_first_layer(state: TrainState, images: np.ndarray, sharding) -> TrainState:
+  """`state` with conv1's kernel (and its average's) set to whiten `images`' 3x3 patches."""
+  kernel = models.whitening_kernel(np.asarray(preprocess(images)),
+                                   state.params['conv1']['Conv_0']['kernel'].shape[-1])
+
+  def with_kernel(params):
+    # A buffer of its own each time: the step donates the state, and one buffer cannot be
+    # donated twice (the weights and their average).
+    own = jax.make_array_from_process_local_data(sharding, kernel)
+    conv1 = {**params['conv1'], 'Conv_0': {**params['conv1']['Conv_0'], 'kernel': own}}
+    return {**params, 'conv1': conv1}
+
+  ema = None if state.ema is None else {**state.ema, 'params': with_kernel(state.ema['params'])}
+  return state.replace(params=with_kernel(state.params), ema=ema)
 
 
 def state_factory(config, steps_per_epoch: int, image_shape, sharding):
@@ -240,17 +289,32 @@ def eval_variables(state: TrainState) -> dict[str, Any]:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
-def eval_logits(apply_fn, variables, images: jax.Array, flip: bool = False) -> jax.Array:
-  """Logits of uint8 images; `flip` averages them with the mirrored images' (test-time)."""
-  logits = apply_fn(variables, preprocess(images), train=False)
-  if flip:
-    logits = (logits + apply_fn(variables, preprocess(images[:, :, ::-1, :]), train=False)) / 2
+def eval_logits(apply_fn, variables, images: jax.Array, flip: bool = False,
+                translate: int = 0) -> jax.Array:
+  """Logits of uint8 images, with optional test-time augmentation.
+
+  `flip` averages them with the mirrored images'; `translate` > 0 then averages that (weight
+  1/2) with the same for the images shifted by `translate` pixels down-right and up-left
+  (1/4 each, reflect-padded as in training): airbench's multi-crop evaluation.
+  """
+  def views(x):
+    logits = apply_fn(variables, preprocess(x), train=False)
+    if flip:
+      logits = (logits + apply_fn(variables, preprocess(x[:, :, ::-1, :]), train=False)) / 2
+    return logits
+
+  logits = views(images)
+  if translate:
+    t, (h, w) = translate, images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)), mode='reflect')
+    shifted = views(padded[:, :h, :w]) + views(padded[:, 2 * t:, 2 * t:])
+    logits = logits / 2 + shifted / 4
   return logits
 
 
-def eval_step(state: TrainState, batch, flip: bool = False):
+def eval_step(state: TrainState, batch, flip: bool = False, translate: int = 0):
   """Sums of loss, correct predictions and examples over the real (mask 1) examples."""
-  logits = eval_logits(state.apply_fn, eval_variables(state), batch['image'], flip)
+  logits = eval_logits(state.apply_fn, eval_variables(state), batch['image'], flip, translate)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
   mask = batch['mask']
   return {
@@ -392,6 +456,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   if state is None:
     state = jax.jit(init, out_shardings=replicated)(rng)
     logging.info('No checkpoint in %s: starting from scratch.', workdir)
+    if config.model.whiten:
+      # Every process reads the same images, so all compute the same filters.
+      first = train_reader.read(np.arange(min(WHITENING_IMAGES, len(train_reader))))['image']
+      state = whiten_first_layer(state, first, replicated)
+      logging.info('conv1 whitens 3x3 patches, estimated from %d training images.', len(first))
   else:
     # Results do not depend on the process count, but a changed one most likely means a
     # mistyped launch (a process missing, two jobs mixed up); say so rather than guess.
@@ -440,7 +509,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         train_reader, batch_size=config.batch_size, seed=config.seed, start_step=start_step,
         num_steps=total_steps, rows=train_rows)
   batches = input_pipeline.to_device(batches, data_sharding)
-  eval_fn = jax.jit(functools.partial(eval_step, flip=config.eval_flip),
+  eval_fn = jax.jit(functools.partial(eval_step, flip=config.eval_flip,
+                                      translate=config.eval_translate),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
   writer = metric_writer.MetricWriter(workdir, start_step)
   buffer = _MetricsBuffer()

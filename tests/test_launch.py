@@ -13,6 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import cifar_tiny
+from hybrid_flax import input_pipeline
+from hybrid_flax import models
+from hybrid_flax import train
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,3 +265,22 @@ def test_data_on_device_trains_exactly_like_the_host_pipeline(reference_run, tin
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))
   ref_test = [m['test_accuracy'] for m in _metrics(reference_run[0]) if m['kind'] == 'epoch']
   assert [m['test_accuracy'] for m in _metrics(tmp_path) if m['kind'] == 'epoch'] == ref_test
+
+
+def test_airbench_switches_train_end_to_end_with_conv1_frozen_at_the_whitening_filters(
+    tiny_data_dir, tmp_path):
+  proc = _launch(tmp_path, tiny_data_dir, '--config.model.whiten=True', '--config.model.dirac=True',
+                 '--config.bn_bias_lr_scale=8', '--config.eval_translate=1',
+                 '--config.ema_decay=0.9')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'conv1 whitens 3x3 patches, estimated from 80 training images' in proc.stderr
+  step, state = _final_params(tmp_path)
+  assert step == TOTAL_STEPS
+  images, _ = input_pipeline.load_split('cifar10_folder', 'train', str(tiny_data_dir))
+  expected = models.whitening_kernel(np.asarray(train.preprocess(images)),
+                                     cifar_tiny.get_config().model.widths[0])
+  for variables in (state['params'], state['ema']['params']):
+    np.testing.assert_allclose(variables['conv1']['Conv_0']['kernel'], expected, rtol=1e-6,
+                               atol=1e-7)
+  epochs = [m for m in _metrics(tmp_path) if m['kind'] == 'epoch']
+  assert len(epochs) == EPOCHS and all(np.isfinite(m['test_loss']) for m in epochs)

@@ -154,3 +154,88 @@ def test_fast_recipe_is_the_paper_model_with_every_switch_on():
   # The paper's config keeps every switch off.
   assert not (paper.augment.crop_padding or paper.augment.flip or paper.label_smoothing or
               paper.ema_decay or paper.eval_flip)
+
+
+def test_whitening_kernel_whitens_the_patches_it_was_estimated_from():
+  rng = np.random.default_rng(0)
+  noise = rng.normal(size=(32, 12, 12, 3))
+  images = noise + np.roll(noise, 1, axis=1) + 0.5 * noise[..., ::-1]  # correlated patches
+  kernel = models.whitening_kernel(images, 8, eps=0.0)
+  assert kernel.shape == (3, 3, 3, 8) and kernel.dtype == np.float32
+  out = np.asarray(jax.lax.conv_general_dilated(
+      images.astype(np.float32), kernel, (1, 1), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))).reshape(-1, 8)
+  # Four unit-variance, uncorrelated projections (the top eigenvectors), then their negatives.
+  np.testing.assert_allclose(np.cov(out[:, :4].T, bias=True), np.eye(4), atol=1e-3)
+  np.testing.assert_array_equal(out[:, 4:], -out[:, :4])
+  raw = np.cov(images.reshape(-1, 3).T, bias=True)
+  assert not np.allclose(raw, np.eye(3), atol=0.3)  # the pixels themselves were far from white
+  with pytest.raises(ValueError, match='even width of at most 54'):
+    models.whitening_kernel(images, 7)
+  config = cifar_tiny.get_config().model
+  config.whiten, config.widths = True, (9, 16, 16, 32)
+  with pytest.raises(ValueError, match='model.whiten needs an even first width'):
+    models.create_model(config)
+
+
+def test_dirac_init_starts_every_conv_but_the_first_as_an_identity():
+  config = cifar_tiny.get_config().model
+  plain = models.create_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  config.dirac = True
+  dirac = models.create_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  count = lambda v: sum(x.size for x in jax.tree.leaves(v['params']))
+  assert count(dirac) == count(plain)  # an initialisation, not a new parameter
+  k = lambda v, *path: np.asarray(functools.reduce(dict.__getitem__, path, v['params']))
+  np.testing.assert_array_equal(k(dirac, 'conv1', 'Conv_0', 'kernel'),
+                                k(plain, 'conv1', 'Conv_0', 'kernel'))
+  for path, n in ((('conv2', 'Conv_0', 'kernel'), 8),  # 8 -> 16 channels: the first 8
+                  (('residual1', 'ConvBlock_0', 'Conv_0', 'kernel'), 16)):
+    kernel = k(dirac, *path)
+    expected = np.zeros((3, 3, n, n), np.float32)
+    expected[1, 1] = np.eye(n)
+    np.testing.assert_array_equal(kernel[:, :, :n, :n], expected)
+    # Beyond the identity block the default initialisation is untouched.
+    np.testing.assert_array_equal(kernel[:, :, :, n:], k(plain, *path)[:, :, :, n:])
+
+
+def test_whitened_layer_is_frozen_and_batch_norm_offsets_move_faster():
+  config = cifar_tiny.get_config()
+  config.momentum, config.weight_decay, config.grad_clip_norm = 0.0, 1e-2, 0.0
+  params = models.create_model(config.model).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def updates(**switches):
+    for name, value in switches.items():
+      target = config.model if name in ('whiten', 'dirac') else config
+      target[name] = value
+    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+    config.model.whiten, config.bn_bias_lr_scale = False, 1.0
+    out, _ = tx.update(grads, tx.init(params), params)
+    return out
+
+  plain, switched = updates(), updates(whiten=True, bn_bias_lr_scale=64.0)
+  flat_plain = dict(jax.tree_util.tree_flatten_with_path(plain)[0])
+  for path, u in jax.tree_util.tree_flatten_with_path(switched)[0]:
+    names = tuple(k.key for k in path)
+    expected = flat_plain[path]
+    if names == train.WHITENED_KERNEL:
+      expected = 0 * expected  # neither moved nor decayed
+    elif names[-1] == 'bias' and names[-2].startswith('BatchNorm'):
+      expected = 64 * expected
+    np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=str(names))
+  assert float(jnp.abs(flat_plain[next(p for p in flat_plain if tuple(
+      k.key for k in p) == train.WHITENED_KERNEL)]).sum()) > 0  # trained when not whitened
+
+
+def test_translate_tta_averages_shifted_views_with_the_centred_one():
+  state, _ = test_train._setup()
+  images = _images(4)
+  variables = train.eval_variables(state)
+  logits = lambda x: np.asarray(train.eval_logits(state.apply_fn, variables, jnp.asarray(x),
+                                                  flip=True))
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  expected = logits(images) / 2 + (logits(padded[:, :32, :32]) + logits(padded[:, 4:, 4:])) / 4
+  got = train.eval_logits(state.apply_fn, variables, jnp.asarray(images), flip=True, translate=2)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got, logits(images), atol=1e-4)

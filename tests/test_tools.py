@@ -115,6 +115,18 @@ def test_compare_prints_a_table_and_plots_accuracy_per_epoch(workdir, recipe_wor
   assert "names no --run" in _error(excinfo)
 
 
+def test_evaluate_can_override_the_runs_test_time_augmentation(recipe_workdir):
+  default = evaluate.main(['--workdir', recipe_workdir])
+  plain = evaluate.main(['--workdir', recipe_workdir, '--eval_flip', 'false'])
+  shifted = evaluate.main(['--workdir', recipe_workdir, '--eval_translate', '1'])
+  assert (default['eval_flip'], default['eval_translate']) == (True, 0)
+  assert (plain['eval_flip'], shifted['eval_translate']) == (False, 1)
+  assert len({default['loss'], plain['loss'], shifted['loss']}) == 3  # three different views
+  with pytest.raises(SystemExit) as excinfo:
+    evaluate.main(['--workdir', recipe_workdir, '--eval_translate', '32'])
+  assert 'eval_translate must be in [0, 32)' in _error(excinfo)
+
+
 def test_evaluate_other_split(workdir):
   result = evaluate.main(['--workdir', workdir, '--split', 'train'])
   assert result['examples'] == 10 * conftest.TRAIN_PER_CLASS and result['split'] == 'train'

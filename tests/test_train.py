@@ -154,6 +154,8 @@ def test_learning_rate_schedules():
     ('momentum', 1.5, 'momentum'),
     ('grad_clip_norm', -1.0, 'grad_clip_norm'),
     ('eval_every_epochs', 0, 'eval_every_epochs must be positive'),
+    ('bn_bias_lr_scale', 0.0, 'bn_bias_lr_scale must be positive'),
+    ('eval_translate', 32, 'eval_translate must be in'),
 ])
 def test_bad_configs_fail_before_compiling(field, value, match):
   config = cifar_tiny.get_config()
