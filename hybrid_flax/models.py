@@ -18,6 +18,8 @@ _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION_NORMS = ('none', 'batch', 'layer')
+# conv1 is 3x3 on RGB: a whitened conv1 has two channels per eigenvector of a 27-value patch.
+_MAX_WHITENED_WIDTH = 2 * 3 * 3 * 3
 
 
 def dirac_init(base=nn.initializers.lecun_normal()):
@@ -211,9 +213,10 @@ def validate_model_config(model_config) -> None:
     raise ValueError(f'model.dropout must be in [0, 1), got {model_config.dropout}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ValueError(f'model.bn_momentum must be in [0, 1), got {model_config.bn_momentum}')
-  if model_config.whiten and (widths[0] % 2 or widths[0] > 54):
-    raise ValueError(f'model.whiten needs an even first width of at most 54 (two channels per '
-                     f'eigenvector of a 3x3x3 patch), got model.widths[0]={widths[0]}')
+  if model_config.whiten and (widths[0] % 2 or widths[0] > _MAX_WHITENED_WIDTH):
+    raise ValueError(f'model.whiten needs an even first width of at most {_MAX_WHITENED_WIDTH} '
+                     f'(two channels per eigenvector of a 3x3x3 patch), got '
+                     f'model.widths[0]={widths[0]}')
   if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
 

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -192,15 +193,15 @@ def create_train_state(rng, model, tx, image_shape, ema: bool = False) -> TrainS
 
 def whiten_first_layer(state: TrainState, images: np.ndarray, sharding) -> TrainState:
   """`state` with conv1's kernel (and its average's) set to whiten `images`' 3x3 patches."""
-  kernel = models.whitening_kernel(np.asarray(preprocess(images)),
-                                   state.params['conv1']['Conv_0']['kernel'].shape[-1])
+  width = traverse_util.flatten_dict(state.params)[WHITENED_KERNEL].shape[-1]
+  kernel = models.whitening_kernel(np.asarray(preprocess(images)), width)
 
   def with_kernel(params):
+    flat = traverse_util.flatten_dict(params)
     # A buffer of its own each time: the step donates the state, and one buffer cannot be
     # donated twice (the weights and their average).
-    own = jax.make_array_from_process_local_data(sharding, kernel)
-    conv1 = {**params['conv1'], 'Conv_0': {**params['conv1']['Conv_0'], 'kernel': own}}
-    return {**params, 'conv1': conv1}
+    flat[WHITENED_KERNEL] = jax.make_array_from_process_local_data(sharding, kernel)
+    return traverse_util.unflatten_dict(flat)
 
   ema = None if state.ema is None else {**state.ema, 'params': with_kernel(state.ema['params'])}
   return state.replace(params=with_kernel(state.params), ema=ema)
