@@ -16,6 +16,7 @@ import optax
 from hybrid_flax import figures
 from hybrid_flax import inference
 from hybrid_flax import input_pipeline
+from hybrid_flax import train
 
 
 def evaluate_run(run: inference.Run, images: np.ndarray, labels: np.ndarray,
@@ -61,8 +62,6 @@ def main(argv=None):
   parser.add_argument('--eval_translate', type=int, default=None,
                       help="test-time shifted views, in pixels (default: the run's config)")
   args = parser.parse_args(argv)
-  if args.eval_translate is not None and not 0 <= args.eval_translate < 32:
-    raise ValueError(f'--eval_translate must be in [0, 32), got {args.eval_translate}')
   input_pipeline.hide_gpus_from_tensorflow()
   run = inference.load_run(args.workdir)
   config = run.config
@@ -70,6 +69,7 @@ def main(argv=None):
     config.eval_flip = args.eval_flip == 'true'
   if args.eval_translate is not None:
     config.eval_translate = args.eval_translate
+  train.validate_eval_config(config)
   dataset = args.dataset or config.dataset
   split = args.split or config.eval_split
   data_dir = config.data_dir if args.data_dir is None else args.data_dir

@@ -85,6 +85,18 @@ def data_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ('data',))
 
 
+def _eval_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+  return [(0 <= config.eval_translate < 32,
+           f'eval_translate must be in [0, 32), got {config.eval_translate}')]
+
+
+def validate_eval_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for test-time settings (e.g. overridden by `evaluate`) that cannot run."""
+  for ok, message in _eval_checks(config):
+    if not ok:
+      raise ValueError(message)
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError with a one-line reason for a config that cannot train."""
   checks = [
@@ -102,8 +114,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (0 <= config.ema_decay < 1, f'ema_decay must be in [0, 1), got {config.ema_decay}'),
       (config.bn_bias_lr_scale > 0,
        f'bn_bias_lr_scale must be positive, got {config.bn_bias_lr_scale}'),
-      (0 <= config.eval_translate < 32,
-       f'eval_translate must be in [0, 32), got {config.eval_translate}'),
+      *_eval_checks(config),
       (0 <= config.augment.crop_padding < 32,
        f'augment.crop_padding must be in [0, 32), got {config.augment.crop_padding}'),
       (config.checkpoint_every_steps > 0 and config.log_every_steps > 0,
