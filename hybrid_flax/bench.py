@@ -101,8 +101,7 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
       fn = jax.jit(step, in_shardings=(replicated, *arg_shardings),
                    out_shardings=(replicated, replicated), donate_argnums=0)
     else:
-      step = functools.partial(train.eval_step, flip=config.eval_flip,
-                               translate=config.eval_translate)
+      step = functools.partial(train.eval_step, **train.test_time_augmentation(config))
       fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=replicated)
     flops = _flops(step, state, *args)  # before the train steps donate the state
     start = time.perf_counter()

@@ -77,10 +77,11 @@ def main(argv=None):
   result = evaluate_run(run, images, labels, args.batch_size)
   result.update(dataset=dataset, split=split, workdir=run.workdir)
   classes = input_pipeline.CIFAR10_CLASSES
-  result.update(eval_flip=bool(config.eval_flip), eval_translate=int(config.eval_translate))
+  tta = train.test_time_augmentation(config)
+  result.update(eval_flip=tta['flip'], eval_translate=tta['translate'])
   print(f'{run.workdir}: checkpoint at step {run.step}, {dataset}[{split}], '
-        f'{len(labels)} examples, test-time flip {config.eval_flip}, translate '
-        f'{config.eval_translate}\n{report(result, classes)}')
+        f'{len(labels)} examples, test-time flip {tta["flip"]}, translate '
+        f'{tta["translate"]}\n{report(result, classes)}')
   json_path = os.path.join(run.workdir, 'eval', f'step_{run.step}.json')
   os.makedirs(os.path.dirname(json_path), exist_ok=True)
   with open(json_path, 'w') as f:

@@ -100,8 +100,8 @@ def predict_logits(run: Run, images: np.ndarray, batch_size: int = 500) -> np.nd
   """Logits [N, classes] for uint8 images [N, 32, 32, 3], batches sharded over all devices."""
   mesh = train.data_mesh()
   apply = jax.jit(
-      functools.partial(train.eval_logits, run.model.apply, flip=run.config.eval_flip,
-                        translate=run.config.eval_translate),
+      functools.partial(train.eval_logits, run.model.apply,
+                        **train.test_time_augmentation(run.config)),
       in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))))
   out = [np.zeros((0, run.model.num_classes), np.float32)]
   for start in range(0, len(images), batch_size):

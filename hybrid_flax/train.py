@@ -301,6 +301,11 @@ def eval_variables(state: TrainState) -> dict[str, Any]:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
+def test_time_augmentation(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`eval_logits`' / `eval_step`'s test-time augmentation arguments, from a run's config."""
+  return {'flip': bool(config.eval_flip), 'translate': int(config.eval_translate)}
+
+
 def eval_logits(apply_fn, variables, images: jax.Array, flip: bool = False,
                 translate: int = 0) -> jax.Array:
   """Logits of uint8 images, with optional test-time augmentation.
@@ -521,8 +526,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         train_reader, batch_size=config.batch_size, seed=config.seed, start_step=start_step,
         num_steps=total_steps, rows=train_rows)
   batches = input_pipeline.to_device(batches, data_sharding)
-  eval_fn = jax.jit(functools.partial(eval_step, flip=config.eval_flip,
-                                      translate=config.eval_translate),
+  eval_fn = jax.jit(functools.partial(eval_step, **test_time_augmentation(config)),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
   writer = metric_writer.MetricWriter(workdir, start_step)
   buffer = _MetricsBuffer()
