@@ -147,6 +147,21 @@ def test_invalid_model_configs_fail_with_a_reason(overrides, match):
     _model(**overrides)
 
 
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (3, 7, 5, 2)])
+def test_max_pool_matches_flax_max_pool_values_and_gradients(shape):
+  import flax.linen as nn
+  # Rounded and ReLU'd, so most windows hold ties: the gradient must still pick one element.
+  x = jnp.maximum(jnp.round(2 * jax.random.normal(jax.random.PRNGKey(0), shape)), 0)
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(models.max_pool_2x2(x), reference(x))
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
+  grad = lambda f: jax.vjp(f, x)[1](cotangent)[0]
+  np.testing.assert_array_equal(grad(models.max_pool_2x2), grad(reference))
+  tangent = jax.random.normal(jax.random.PRNGKey(2), shape)
+  np.testing.assert_array_equal(jax.jvp(models.max_pool_2x2, (x,), (tangent,))[1],
+                                jax.jvp(reference, (x,), (tangent,))[1])
+
+
 def _block_fn(block, x, train_mode):
   """(params, x) -> output for gradient checks, batch statistics as in training."""
   variables = block.init(jax.random.PRNGKey(0), x, **train_mode)
