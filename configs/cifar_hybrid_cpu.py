@@ -7,8 +7,8 @@ switches (logit scale 0.125, dirac init, bias scaler 64, label smoothing 0.1, th
 device), 6 epochs at batch 256, lr 0.16 with weight decay 1e-3, 2-pixel crops (4 is too strong
 for so few epochs), evaluation only at the end (each costs ~40 s of the budget), and airbench's
 frozen patch-whitening conv1 (the paper's 64-wide conv1 is too wide for it). On a 2-core CPU run
-it with `--jax_num_cpu_devices=4` (four data-parallel shards keep both cores busy; README,
-Benchmark): 86.21% on CIFAR-10 (JPEG copy) in 29 min 12 s wall (README, Results).
+it with `--jax_num_cpu_devices=8` (eight data-parallel shards keep both cores busy; README,
+Benchmark): 86.05% on CIFAR-10 (JPEG copy) in 24 min 52 s wall (README, Results).
 """
 
 from configs import cifar_hybrid_fast

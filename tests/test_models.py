@@ -1,5 +1,6 @@
 """Shapes, pinned parameter counts, gradient checks and attention equivariance of the blocks."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,7 +150,6 @@ def test_invalid_model_configs_fail_with_a_reason(overrides, match):
 
 @pytest.mark.parametrize('shape', [(2, 8, 8, 3), (3, 7, 5, 2)])
 def test_max_pool_matches_flax_max_pool_values_and_gradients(shape):
-  import flax.linen as nn
   # Rounded and ReLU'd, so most windows hold ties: the gradient must still pick one element.
   x = jnp.maximum(jnp.round(2 * jax.random.normal(jax.random.PRNGKey(0), shape)), 0)
   reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
