@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_classes = 10
   config.model.dropout = 0.0
   config.model.bn_momentum = 0.9  # PyTorch's BatchNorm2d default (its momentum=0.1)
+  # > 0: ghost batch norm, statistics over groups of this many examples; groups inside one
+  # device's share of the batch need no cross-device all-reduce (0: the whole batch)
+  config.model.bn_group_size = 0
   # Initialisation switches of the fast trainers (airbench), off in the paper's setup: `whiten`
   # starts conv1 as a frozen patch-whitening filter bank computed from training images; `dirac`
   # starts the other convs as identities where their widths allow.

@@ -153,6 +153,13 @@ def measure_pipeline(config, steps: int = 50) -> dict[str, float]:
           'load_seconds': load_seconds}
 
 
+def check_torch_twin_matches(config) -> None:
+  """Raises ValueError for a config whose training `torch_twin` does not reproduce."""
+  if config.model.bn_group_size:
+    raise ValueError('the PyTorch twin normalises over the whole batch; --torch needs '
+                     '--config.model.bn_group_size=0')
+
+
 def measure_torch(config, jax_param_count: int, steps: int, warmup: int) -> dict[str, float]:
   """The same model's training steps in PyTorch (the `bench` extra); the same size, checked.
 
@@ -214,6 +221,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   try:
+    if _TORCH.value:
+      check_torch_twin_matches(config)  # first: the JAX timing before it takes minutes
     steps = measure_steps(config, _STEPS.value, _WARMUP.value)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None

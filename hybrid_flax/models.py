@@ -5,6 +5,7 @@ classifier head. The paper fixes the blocks but not the widths; the defaults fol
 trunk (64-128-256-512) whose `conv_block(..., pool=False)` the paper's conv module describes.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,12 +98,73 @@ def _max_pool_2x2_jvp(primals, tangents):
   return peak[:, :, 0, :, 0], jnp.sum(chosen, axis=(2, 4))
 
 
+class GhostBatchNorm(nn.Module):
+  """Batch norm whose training statistics come from groups of `group_size` examples.
+
+  Ghost batch norm (Hoffer et al. 2017; Page's "bag of tricks" ResNet uses groups of 32):
+  consecutive examples 0..g-1, g..2g-1, ... are normalised with their own group's mean and
+  variance. Why: with the batch split over devices, `nn.BatchNorm` averages its statistics
+  over the whole batch, a cross-device all-reduce in every layer forward and backward; groups
+  that lie inside one device's share need none. The running statistics average the groups'
+  (evaluation normalises as `nn.BatchNorm` does); the variables and their names are
+  `nn.BatchNorm`'s, so checkpoints and the optimizer's masks carry over, and with one group
+  (`group_size` = the batch) training is `nn.BatchNorm`'s too.
+  """
+
+  group_size: int
+  use_running_average: bool
+  momentum: float = _BN_MOMENTUM
+  epsilon: float = _BN_EPSILON
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    shape = x.shape
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      b = shape[0]
+      if b % self.group_size:
+        raise ValueError(f'a batch of {b} does not split into batch-norm groups of '
+                         f'{self.group_size} (model.bn_group_size)')
+      x = x.reshape((b // self.group_size, self.group_size) + shape[1:])
+      axes = tuple(range(1, x.ndim - 1))
+      # As nn.BatchNorm: E[x^2] - E[x]^2 in at least float32, clipped at 0 against round-off.
+      stats_x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      mean = stats_x.mean(axes, keepdims=True)
+      var = jnp.maximum(0.0, jnp.square(stats_x).mean(axes, keepdims=True) - jnp.square(mean))
+      if not self.is_initializing():
+        ra_mean.value = (self.momentum * ra_mean.value
+                         + (1 - self.momentum) * mean.reshape(-1, c).mean(0))
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1 - self.momentum) * var.reshape(-1, c).mean(0))
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    y = y.reshape(shape)
+    return y.astype(self.dtype)
+
+
+def batch_norm(train: bool, group_size: int = 0, momentum: float = _BN_MOMENTUM,
+               dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
+  """`nn.BatchNorm` over the whole batch (group_size 0), else `GhostBatchNorm`; same variables."""
+  if group_size:
+    return GhostBatchNorm(group_size, use_running_average=not train, momentum=momentum,
+                          epsilon=_BN_EPSILON, dtype=dtype, name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=_BN_EPSILON,
+                      dtype=dtype, name=name)
+
+
 class ConvBlock(nn.Module):
   """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool."""
 
   features: int
   pool: bool = False
   bn_momentum: float = _BN_MOMENTUM
+  bn_group_size: int = 0
   dirac: bool = False
   dtype: Any = jnp.float32
 
@@ -111,12 +173,8 @@ class ConvBlock(nn.Module):
     init = dirac_init() if self.dirac else nn.initializers.lecun_normal()
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
                 dtype=self.dtype)(x)
-    x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=_BN_EPSILON,
-        dtype=self.dtype,
-    )(x)
+    # Named as nn.BatchNorm names itself, so the bias scaler and checkpoints find it either way.
+    x = batch_norm(train, self.bn_group_size, self.bn_momentum, self.dtype, 'BatchNorm_0')(x)
     x = nn.relu(x)
     if self.pool:
       x = max_pool_2x2(x)
@@ -137,6 +195,7 @@ class AttentionBlock(nn.Module):
   embed: bool = True
   norm: str = 'none'
   bn_momentum: float = _BN_MOMENTUM
+  bn_group_size: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -156,8 +215,7 @@ class AttentionBlock(nn.Module):
     if self.embed:
       x = nn.Dense(c, dtype=self.dtype, name='embed_out')(x)
     if self.norm == 'batch':
-      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=_BN_EPSILON, dtype=self.dtype, name='norm')(x)
+      x = batch_norm(train, self.bn_group_size, self.bn_momentum, self.dtype, 'norm')(x)
     elif self.norm == 'layer':
       x = nn.LayerNorm(epsilon=_BN_EPSILON, dtype=self.dtype, name='norm')(x)
     elif self.norm != 'none':
@@ -169,14 +227,17 @@ class ResidualBlock(nn.Module):
   """x + ConvBlock(ConvBlock(x)); no pooling, so shape and channels are unchanged."""
 
   bn_momentum: float = _BN_MOMENTUM
+  bn_group_size: int = 0
   dirac: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    c = x.shape[-1]
-    y = ConvBlock(c, bn_momentum=self.bn_momentum, dirac=self.dirac, dtype=self.dtype)(x, train)
-    y = ConvBlock(c, bn_momentum=self.bn_momentum, dirac=self.dirac, dtype=self.dtype)(y, train)
+    block = functools.partial(ConvBlock, x.shape[-1], bn_momentum=self.bn_momentum,
+                              bn_group_size=self.bn_group_size, dirac=self.dirac,
+                              dtype=self.dtype)
+    y = block()(x, train)  # ConvBlock_0, then ConvBlock_1, as checkpoints name them
+    y = block()(y, train)
     return x + y
 
 
@@ -198,6 +259,7 @@ class HybridNet(nn.Module):
   num_classes: int = 10
   dropout: float = 0.0
   bn_momentum: float = _BN_MOMENTUM
+  bn_group_size: int = 0  # > 0: ghost batch norm over groups of this many examples
   dirac: bool = False
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
@@ -207,13 +269,14 @@ class HybridNet(nn.Module):
     for stage in range(2):
       for i in (2 * stage, 2 * stage + 1):
         x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
-                      dirac=self.dirac and i > 0, dtype=self.dtype, name=f'conv{i + 1}')(x, train)
+                      bn_group_size=self.bn_group_size, dirac=self.dirac and i > 0,
+                      dtype=self.dtype, name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
-                           bn_momentum=self.bn_momentum, dtype=self.dtype,
-                           name=f'attention{stage + 1}')(x, train)
-      x = ResidualBlock(bn_momentum=self.bn_momentum, dirac=self.dirac, dtype=self.dtype,
-                        name=f'residual{stage + 1}')(x, train)
+                           bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
+                           dtype=self.dtype, name=f'attention{stage + 1}')(x, train)
+      x = ResidualBlock(bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
+                        dirac=self.dirac, dtype=self.dtype, name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -243,6 +306,9 @@ def validate_model_config(model_config) -> None:
     raise ValueError(f'model.logit_scale must be positive, got {model_config.logit_scale}')
   if not 0.0 <= model_config.dropout < 1.0:
     raise ValueError(f'model.dropout must be in [0, 1), got {model_config.dropout}')
+  if model_config.bn_group_size < 0:
+    raise ValueError(f'model.bn_group_size must be >= 0 (0: the whole batch), '
+                     f'got {model_config.bn_group_size}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ValueError(f'model.bn_momentum must be in [0, 1), got {model_config.bn_momentum}')
   if model_config.whiten and (widths[0] % 2 or widths[0] > _MAX_WHITENED_WIDTH):
@@ -266,6 +332,7 @@ def create_model(model_config) -> HybridNet:
       num_classes=model_config.num_classes,
       dropout=model_config.dropout,
       bn_momentum=model_config.bn_momentum,
+      bn_group_size=model_config.bn_group_size,
       dirac=model_config.dirac,
       dtype=DTYPES[model_config.dtype],
   )

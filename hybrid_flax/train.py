@@ -129,6 +129,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     # Global sizes: every device takes an equal share, whatever process it belongs to.
     checks.append((size > 0 and size % num_devices == 0,
                    f'{name}={size} must be a positive multiple of the {num_devices} devices{over}'))
+  group = config.model.bn_group_size
+  checks.append((group <= 0 or config.batch_size % group == 0,
+                 f'batch_size={config.batch_size} must be a multiple of model.bn_group_size='
+                 f'{group} (ghost batch norm)'))
   for ok, message in checks:
     if not ok:
       raise ValueError(message)

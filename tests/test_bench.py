@@ -69,3 +69,11 @@ def test_data_on_device_is_measured_as_the_gathering_step_and_index_batches(tiny
   assert steps['train']['flops_per_image'] == pytest.approx(host['train']['flops_per_image'],
                                                             rel=0.01)
   assert 'indices into the split on the device' in bench.report(config, steps, pipeline)
+
+
+def test_the_pytorch_comparison_refuses_a_config_its_twin_does_not_train():
+  config = cifar_tiny.get_config()
+  bench.check_torch_twin_matches(config)
+  config.model.bn_group_size = 4
+  with pytest.raises(ValueError, match='bn_group_size=0'):
+    bench.check_torch_twin_matches(config)

@@ -142,6 +142,7 @@ def test_attention_block_rejects_heads_that_do_not_divide_channels():
     ({'dropout': 1.0}, 'dropout'),
     ({'attention_norm': 'group'}, 'attention_norm'),
     ({'logit_scale': 0.0}, 'logit_scale'),
+    ({'bn_group_size': -1}, 'bn_group_size'),
 ])
 def test_invalid_model_configs_fail_with_a_reason(overrides, match):
   with pytest.raises(ValueError, match=match):
@@ -162,6 +163,51 @@ def test_max_pool_matches_flax_max_pool_values_and_gradients(shape):
                                 jax.jvp(reference, (x,), (tangent,))[1])
 
 
+@pytest.mark.parametrize('group_size', [8, 2])
+def test_ghost_batch_norm_is_batch_norm_applied_to_each_group(group_size):
+  x = 3 * jax.random.normal(jax.random.PRNGKey(0), (8, 5, 5, 6)) + 1
+  reference = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  ghost = models.GhostBatchNorm(group_size, use_running_average=False)
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  assert (jax.tree.structure(ghost.init(jax.random.PRNGKey(1), x))
+          == jax.tree.structure(variables))
+  # Away from the initial values, so scale, offset and running statistics all count.
+  variables = jax.tree.map(
+      lambda v: v + 0.1 * jax.random.normal(jax.random.PRNGKey(2), v.shape), variables)
+  out, updates = ghost.apply(variables, x, mutable=['batch_stats'])
+  groups = [reference.apply(variables, x[i:i + group_size], mutable=['batch_stats'])
+            for i in range(0, 8, group_size)]
+  np.testing.assert_allclose(out, np.concatenate([g[0] for g in groups]), atol=1e-6)
+  for stat in ('mean', 'var'):
+    np.testing.assert_allclose(updates['batch_stats'][stat],
+                               np.mean([g[1]['batch_stats'][stat] for g in groups], 0),
+                               atol=1e-6)
+  # Evaluation uses the running statistics, exactly as nn.BatchNorm does.
+  np.testing.assert_array_equal(
+      models.GhostBatchNorm(group_size, use_running_average=True).apply(variables, x),
+      nn.BatchNorm(use_running_average=True).apply(variables, x))
+
+
+def test_residual_block_applies_its_convs_in_the_order_checkpoints_name_them():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 3))
+  block = models.ResidualBlock()
+  variables = block.init(jax.random.PRNGKey(1), x, train=False)
+  # Distinct statistics per conv, so swapping the two would change the output.
+  variables = jax.tree.map(
+      lambda v: v + 0.5 * jax.random.uniform(jax.random.PRNGKey(2), v.shape), variables)
+  conv = lambda name, y: models.ConvBlock(3).apply(
+      {k: v[name] for k, v in variables.items()}, y, train=False)
+  np.testing.assert_allclose(block.apply(variables, x, train=False),
+                             x + conv('ConvBlock_1', conv('ConvBlock_0', x)), atol=1e-6)
+
+
+def test_ghost_batch_norm_rejects_a_batch_that_does_not_split_into_groups():
+  ghost = models.GhostBatchNorm(3, use_running_average=False)
+  x = jnp.ones((4, 2, 2, 1))
+  with pytest.raises(ValueError, match='groups of 3'):
+    ghost.init_with_output(jax.random.PRNGKey(0), x)
+
+
 def _block_fn(block, x, train_mode):
   """(params, x) -> output for gradient checks, batch statistics as in training."""
   variables = block.init(jax.random.PRNGKey(0), x, **train_mode)
@@ -177,7 +223,7 @@ def _block_fn(block, x, train_mode):
 
 @pytest.mark.parametrize('name', ['conv', 'conv_pool', 'residual', 'attention',
                                   'attention_noembed', 'attention_batchnorm',
-                                  'attention_layernorm'])
+                                  'attention_layernorm', 'residual_ghost_norm'])
 def test_block_gradients_match_finite_differences(name):
   block, train_mode = {
       'conv': (models.ConvBlock(4, dtype=jnp.float64), {'train': True}),
@@ -188,6 +234,8 @@ def test_block_gradients_match_finite_differences(name):
       'attention_batchnorm': (models.AttentionBlock(2, norm='batch', dtype=jnp.float64),
                               {'train': True}),
       'attention_layernorm': (models.AttentionBlock(2, norm='layer', dtype=jnp.float64), {}),
+      'residual_ghost_norm': (models.ResidualBlock(bn_group_size=1, dtype=jnp.float64),
+                              {'train': True}),
   }[name]
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 4), dtype=jnp.float64)

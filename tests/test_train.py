@@ -81,6 +81,32 @@ def test_sharded_step_on_4_devices_matches_one_device():
   assert l1 == pytest.approx(l4, rel=1e-4)
 
 
+def test_ghost_batch_norm_within_each_device_share_drops_the_statistics_all_reduces():
+  batch = _batch()
+  config = cifar_tiny.get_config()
+  config.model.bn_group_size = 4  # 16 examples on 4 devices: one group each
+  results, all_reduces = [], {}
+  for devices in (jax.devices()[:1], jax.devices()):
+    state, lr_fn = _setup(config)
+    fn, data, rep = _sharded_step_fn(lr_fn, devices)
+    state = jax.device_put(state, rep)
+    for _ in range(3):
+      state, metrics = fn(state, jax.device_put(batch, data))
+    results.append((jax.device_get(state.params), float(metrics['loss'])))
+  # The same groups whatever the device count, so the same training.
+  (p1, l1), (p4, l4) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), p1, p4)
+  assert l1 == pytest.approx(l4, rel=1e-4)
+  for group in (0, 4):
+    config.model.bn_group_size = group
+    state, lr_fn = _setup(config)
+    fn, data, rep = _sharded_step_fn(lr_fn, jax.devices())
+    hlo = fn.lower(jax.device_put(state, rep), jax.device_put(batch, data)).compile().as_text()
+    all_reduces[group] = hlo.count(' all-reduce(') + hlo.count(' all-reduce-start(')
+  # Whole-batch statistics need cross-device sums in every batch norm, forward and backward.
+  assert 0 < all_reduces[4] < all_reduces[0], all_reduces
+
+
 def test_on_device_gather_step_on_4_devices_matches_the_fed_batch():
   # config.data_on_device: the split replicated, the indices sharded, the gather in the step.
   split = _batch(32)
@@ -161,6 +187,13 @@ def test_bad_configs_fail_before_compiling(field, value, match):
   config = cifar_tiny.get_config()
   config[field] = value
   with pytest.raises(ValueError, match=match):
+    train.validate_config(config, num_devices=4)
+
+
+def test_batch_must_split_into_ghost_batch_norm_groups():
+  config = cifar_tiny.get_config()
+  config.model.bn_group_size = 3
+  with pytest.raises(ValueError, match='multiple of model.bn_group_size=3'):
     train.validate_config(config, num_devices=4)
 
 
