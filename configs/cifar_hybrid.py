@@ -66,8 +66,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = ml_collections.ConfigDict()
   config.augment.crop_padding = 0  # > 0: random crops of the image padded by this many pixels
   config.augment.flip = False  # random horizontal flips
+  config.augment.alternate_flip = False  # airbench's: each image mirrored every other epoch
+  config.augment.early_crop_size = 0  # > 0: the first early_crop_epochs epochs train on
+  config.augment.early_crop_epochs = 0  # crops this size (cheaper steps)
   config.label_smoothing = 0.0
   config.ema_decay = 0.0  # > 0: keep a moving average of the weights and evaluate that
+  config.lookahead_every = 0  # > 0: Lookahead (airbench's), syncing every this many steps;
+  config.lookahead_decay = 0.95  # evaluates the slow weights (so not with ema_decay)
   config.eval_flip = False  # test-time augmentation: average the logits with the mirror image's
   config.eval_translate = 0  # > 0: also average in views shifted by this many pixels
 

@@ -30,14 +30,16 @@ from hybrid_flax import input_pipeline
 from hybrid_flax import train
 
 _CIFAR10_TRAIN_SIZE = 50_000
+_STEPS_PER_EPOCH = 1000  # the schedules' clock only; any length times the same
+
 
 def _setup(config):
   mesh = train.data_mesh()
   train.validate_config(config, mesh.size)
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   # The schedule's length changes neither the state's structure nor the step's cost.
-  learning_rate_fn, init, _ = train.state_factory(config, 1000, input_pipeline.IMAGE_SHAPE,
-                                                  replicated)
+  learning_rate_fn, init, _ = train.state_factory(config, _STEPS_PER_EPOCH,
+                                                  input_pipeline.IMAGE_SHAPE, replicated)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
   return learning_rate_fn, state, replicated, data
 
@@ -46,6 +48,7 @@ def _random_batch(batch_size: int, sharding, seed: int = 0) -> dict[str, jax.Arr
   rng = np.random.default_rng(seed)
   batch = {'image': rng.integers(0, 256, (batch_size,) + input_pipeline.IMAGE_SHAPE, np.uint8),
            'label': rng.integers(0, 10, (batch_size,), np.int32),
+           'index': np.arange(batch_size, dtype=np.int32),  # for augment.alternate_flip
            'mask': np.ones((batch_size,), np.float32)}
   return jax.device_put(batch, sharding)
 
@@ -80,15 +83,22 @@ def _time_compiled(step, state, *args, carry_state: bool, steps: int, warmup: in
 
 
 def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[str, float]]:
-  """{'train': {...}, 'eval': {...}}: images/s, compile seconds, FLOPs/image, GFLOP/s."""
+  """{'train': {...}, 'eval': {...}} (and 'early' for a config with early crops): images/s,
+  compile seconds, FLOPs/image, GFLOP/s."""
   learning_rate_fn, state, replicated, data = _setup(config)
   param_count = sum(x.size for x in jax.tree.leaves(state.params))
   results = {}
+  runs = [('eval', config.eval_batch_size), ('train', config.batch_size)]
+  if config.augment.early_crop_size and config.augment.early_crop_epochs:
+    runs.append(('early', config.batch_size))  # the step on the smaller early crops
   # Eval first: the train steps donate (consume) the state.
-  for name, batch_size in (('eval', config.eval_batch_size), ('train', config.batch_size)):
+  for name, batch_size in runs:
+    if name == 'early':
+      learning_rate_fn, state, replicated, data = _setup(config)  # 'train' consumed the state
     args, arg_shardings = (_random_batch(batch_size, data),), (data,)
-    if name == 'train':
-      step = train.make_train_step(config, learning_rate_fn)
+    if name != 'eval':
+      step = train.make_train_step(config, learning_rate_fn, _STEPS_PER_EPOCH,
+                                   early=name == 'early')
       if config.data_on_device:
         # A random split of CIFAR-10's size on every device; the step gathers its batch there.
         split = _random_batch(_CIFAR10_TRAIN_SIZE, replicated, seed=1)
@@ -107,7 +117,7 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
     start = time.perf_counter()
     compiled = fn.lower(state, *args).compile()
     compile_seconds = time.perf_counter() - start
-    seconds = _time_compiled(compiled, state, *args, carry_state=name == 'train', steps=steps,
+    seconds = _time_compiled(compiled, state, *args, carry_state=name != 'eval', steps=steps,
                              warmup=warmup)
     results[name] = {'batch_size': batch_size, 'images_per_sec': batch_size * steps / seconds,
                      'steps_per_sec': steps / seconds, 'compile_seconds': compile_seconds,
@@ -187,9 +197,12 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
            f'embed={config.model.embed}',
            f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'
            f'{"GFLOP/img":>11}{"GFLOP/s":>9}']
-  for name in ('train', 'eval'):
+  for name in ('train', 'eval', 'early'):
+    if name not in steps:
+      continue
     r = steps[name]
-    lines.append(f'{name:10}{r["batch_size"]:>7}{r["images_per_sec"]:>10.1f}'
+    label = f'early {config.augment.early_crop_size}px' if name == 'early' else name
+    lines.append(f'{label:10}{r["batch_size"]:>7}{r["images_per_sec"]:>10.1f}'
                  f'{r["steps_per_sec"]:>9.3f}{r["compile_seconds"]:>11.1f}'
                  f'{r["flops_per_image"] / 1e9:>11.3f}{r["gflops_per_sec"]:>9.1f}')
   if peak_gflops:

@@ -158,10 +158,10 @@ def train_indices(num_examples: int, *, batch_size: int, seed: int, start_step: 
 def train_batches(reader: SplitReader, *, batch_size: int, seed: int, start_step: int,
                   num_steps: int, rows: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
   """Yields rows `rows` of the global batches of `train_indices`: each process reads just its
-  rows."""
+  rows, with their indices in the split (`index`, which `augment.alternate_flip` keys on)."""
   for idx in train_indices(len(reader), batch_size=batch_size, seed=seed,
                            start_step=start_step, num_steps=num_steps):
-    yield reader.read(idx[rows])
+    yield {**reader.read(idx[rows]), 'index': idx[rows].astype(np.int32)}
 
 
 def train_index_batches(num_examples: int, *, batch_size: int, seed: int, start_step: int,

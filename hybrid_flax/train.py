@@ -31,7 +31,8 @@ SCHEDULES = ('constant', 'cosine', 'linear')
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array  # base key; each step's dropout and augment keys come from fold_in(rng, step)
-  # {'params', 'batch_stats'} averaged over steps when config.ema_decay > 0, else None.
+  # {'params', 'batch_stats'}: the weights evaluation uses, averaged over steps when
+  # config.ema_decay > 0 or Lookahead's slow weights when config.lookahead_every > 0; else None.
   ema: Any = None
 
 
@@ -112,6 +113,24 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (0 <= config.label_smoothing < 1,
        f'label_smoothing must be in [0, 1), got {config.label_smoothing}'),
       (0 <= config.ema_decay < 1, f'ema_decay must be in [0, 1), got {config.ema_decay}'),
+      (config.lookahead_every >= 0,
+       f'lookahead_every must be >= 0, got {config.lookahead_every}'),
+      (0 < config.lookahead_decay < 1,
+       f'lookahead_decay must be in (0, 1), got {config.lookahead_decay}'),
+      (not (config.ema_decay and config.lookahead_every),
+       'ema_decay and lookahead_every both choose the weights evaluation uses: set one of them '
+       f'to 0 (got ema_decay={config.ema_decay}, lookahead_every={config.lookahead_every})'),
+      (0 <= config.augment.early_crop_epochs <= config.num_epochs,
+       f'augment.early_crop_epochs must be in [0, num_epochs], got '
+       f'{config.augment.early_crop_epochs}'),
+      (config.augment.early_crop_size == 0 or (
+          0 < config.augment.early_crop_size <= input_pipeline.IMAGE_SHAPE[0] and
+          config.augment.early_crop_size % 2 ** sum(config.model.pool) == 0),
+       f'augment.early_crop_size must be 0 or a multiple of {2 ** sum(config.model.pool)} (the '
+       f'model\'s {sum(config.model.pool)} 2x2 max-pools) up to the image size, got '
+       f'{config.augment.early_crop_size}'),
+      (config.augment.flip or not config.augment.alternate_flip,
+       'augment.alternate_flip decides how images are flipped: it needs augment.flip=True'),
       (config.bn_bias_lr_scale > 0,
        f'bn_bias_lr_scale must be positive, got {config.bn_bias_lr_scale}'),
       *_eval_checks(config),
@@ -228,7 +247,7 @@ def state_factory(config, steps_per_epoch: int, image_shape, sharding):
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   tx = create_optimizer(config, learning_rate_fn)
   init = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape,
-                           ema=config.ema_decay > 0)
+                           ema=config.ema_decay > 0 or config.lookahead_every > 0)
   abstract_state = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
@@ -242,18 +261,33 @@ def preprocess(images: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch, learning_rate_fn, *, crop_padding: int = 0,
-               flip: bool = False, label_smoothing: float = 0.0, ema_decay: float = 0.0):
+               crop_size: int = 0, flip: bool = False, alternate_flip_epoch_steps: int = 0,
+               label_smoothing: float = 0.0, ema_decay: float = 0.0, lookahead_every: int = 0,
+               lookahead_decay_fn: optax.Schedule | None = None):
   """One SGD step on a global batch; returns the new state and the batch's metrics.
 
   The keyword options are the recipe's switches (see `make_train_step`); their defaults are
-  the paper's plain step: no augmentation, hard labels, no weight averaging.
+  the paper's plain step: no augmentation, hard labels, no weight averaging. `crop_size` > 0
+  trains on crops of that size (`augment.early_crop_size`).
+  `alternate_flip_epoch_steps` > 0 (the steps per epoch) flips by `augment.alternating_flip`,
+  which needs the batch's dataset indices (`batch['index']`). `lookahead_every` > 0 moves the
+  slow weights (`state.ema`) towards the weights every that many steps and restarts the weights
+  from them (Lookahead, as airbench uses it), by `lookahead_decay_fn(step)`.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   images = batch['image']
-  if crop_padding or flip:
+  if crop_padding or crop_size or flip:
+    mirror = None
+    if flip and alternate_flip_epoch_steps:
+      if 'index' not in batch:
+        raise ValueError('augment.alternate_flip needs each example\'s index in the split '
+                         '(batch["index"]), which this batch lacks')
+      # A key fixed for the run: each image's first-epoch coin must not change between epochs.
+      mirror = augment.alternating_flip(jax.random.split(state.rng)[1], batch['index'],
+                                        state.step // alternate_flip_epoch_steps)
     # A key of its own, so switching augmentation on leaves the dropout masks as they were.
     images = augment.random_crop_flip(images, jax.random.fold_in(dropout_rng, 1), crop_padding,
-                                      flip)
+                                      flip, mirror, crop_size)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -274,23 +308,49 @@ def train_step(state: TrainState, batch, learning_rate_fn, *, crop_padding: int 
       'learning_rate': learning_rate_fn(state.step),
   }
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  current = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
   if ema_decay:
-    current = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
     new_state = new_state.replace(
         ema=optax.incremental_update(current, state.ema, step_size=1.0 - ema_decay))
+  elif lookahead_every:
+    sync = new_state.step % lookahead_every == 0
+    slow = optax.incremental_update(current, state.ema,
+                                    step_size=1.0 - lookahead_decay_fn(new_state.step))
+    slow = jax.tree.map(lambda s, old: jnp.where(sync, s, old), slow, state.ema)
+    fast = jax.tree.map(lambda s, cur: jnp.where(sync, s, cur), slow, current)
+    new_state = new_state.replace(params=fast['params'], batch_stats=fast['batch_stats'],
+                                  ema=slow)
   return new_state, metrics
 
 
-def make_train_step(config, learning_rate_fn):
-  """`train_step` with the config's recipe switches bound; jit it where it is called."""
-  return functools.partial(train_step, learning_rate_fn=learning_rate_fn,
-                           crop_padding=config.augment.crop_padding, flip=config.augment.flip,
-                           label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
+def create_lookahead_decay_fn(config, steps_per_epoch: int) -> optax.Schedule:
+  """airbench's Lookahead schedule: the slow weights keep `lookahead_decay ** lookahead_every`
+  of themselves at each sync, ramped up from 0 as (step / total steps) ** 3, so Lookahead is
+  all but off early, when the weights should move fast, and strongest as training ends."""
+  total = config.num_epochs * steps_per_epoch
+  final = config.lookahead_decay ** config.lookahead_every
+  return lambda step: final * (jnp.minimum(step, total) / total) ** 3
+
+
+def make_train_step(config, learning_rate_fn, steps_per_epoch: int, early: bool = False):
+  """`train_step` with the config's recipe switches bound; jit it where it is called.
+
+  `early`: the step of the first `augment.early_crop_epochs` epochs, on the smaller crops.
+  """
+  return functools.partial(
+      train_step, learning_rate_fn=learning_rate_fn, crop_padding=config.augment.crop_padding,
+      crop_size=config.augment.early_crop_size if early else 0, flip=config.augment.flip,
+      alternate_flip_epoch_steps=steps_per_epoch if config.augment.alternate_flip else 0,
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+      lookahead_every=config.lookahead_every,
+      lookahead_decay_fn=(create_lookahead_decay_fn(config, steps_per_epoch)
+                          if config.lookahead_every else None))
 
 
 def gather_batch(data, batch):
   """The examples `batch['index']` of a split held on the device (config.data_on_device)."""
-  return {'image': data['image'][batch['index']], 'label': data['label'][batch['index']]}
+  return {'image': data['image'][batch['index']], 'label': data['label'][batch['index']],
+          'index': batch['index']}
 
 
 def train_step_on_device_data(state: TrainState, batch, data, step_fn):
@@ -507,28 +567,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   logging.info('Model: %d parameters; %d steps/epoch, %d steps total, %d devices.', param_count,
                steps_per_epoch, total_steps, mesh.size)
 
-  step_fn = make_train_step(config, learning_rate_fn)
   if config.data_on_device:
     # The whole split, replicated on every device (150 MB as uint8); each step receives only
     # its examples' indices and gathers them inside the jitted step: no per-step host work.
     data = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
                         train_reader.read(np.arange(len(train_reader))))
-    gather_and_step = jax.jit(functools.partial(train_step_on_device_data, step_fn=step_fn),
-                              in_shardings=(replicated, data_sharding, replicated),
-                              out_shardings=(replicated, replicated), donate_argnums=0)
 
-    def train_fn(state, batch):
-      return gather_and_step(state, batch, data)
+    def compile_step(step_fn):
+      gather_and_step = jax.jit(functools.partial(train_step_on_device_data, step_fn=step_fn),
+                                in_shardings=(replicated, data_sharding, replicated),
+                                out_shardings=(replicated, replicated), donate_argnums=0)
+      return lambda state, batch: gather_and_step(state, batch, data)
 
     batches = input_pipeline.train_index_batches(
         len(train_reader), batch_size=config.batch_size, seed=config.seed,
         start_step=start_step, num_steps=total_steps, rows=train_rows)
   else:
-    train_fn = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
+    def compile_step(step_fn):
+      return jax.jit(step_fn, in_shardings=(replicated, data_sharding),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+
     batches = input_pipeline.train_batches(
         train_reader, batch_size=config.batch_size, seed=config.seed, start_step=start_step,
         num_steps=total_steps, rows=train_rows)
+  train_fn = compile_step(make_train_step(config, learning_rate_fn, steps_per_epoch))
+  # Steps 1..early_steps train on the smaller early crops: a program of its own (new shapes).
+  early_steps = config.augment.early_crop_epochs * steps_per_epoch
+  early_fn = (compile_step(make_train_step(config, learning_rate_fn, steps_per_epoch,
+                                           early=True))
+              if config.augment.early_crop_size and early_steps else train_fn)
   batches = input_pipeline.to_device(batches, data_sharding)
   eval_fn = jax.jit(functools.partial(eval_step, **test_time_augmentation(config)),
                     in_shardings=(replicated, data_sharding), out_shardings=replicated)
@@ -546,7 +613,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   epoch_start_time, epoch_start_step = time.time(), start_step
   with _StopRequest() as stop:
     for step, batch in zip(range(start_step + 1, total_steps + 1), batches):
-      state, metrics = train_fn(state, batch)
+      if step == early_steps + 1 and early_fn is not train_fn:
+        logging.info('Step %d: the early crops end; full-size images from here (a new program '
+                     'compiles now).', step)
+      state, metrics = (early_fn if step <= early_steps else train_fn)(state, batch)
       buffer.pending.append(metrics)
       if len(buffer.pending) > 2:
         # Bound the run-ahead of async dispatch: progress, timings and a stop signal then

@@ -77,3 +77,13 @@ def test_the_pytorch_comparison_refuses_a_config_its_twin_does_not_train():
   config.model.bn_group_size = 4
   with pytest.raises(ValueError, match='bn_group_size=0'):
     bench.check_torch_twin_matches(config)
+
+
+def test_the_early_crops_step_is_timed_on_its_own_row():
+  config = cifar_tiny.get_config()
+  config.augment.early_crop_size, config.augment.early_crop_epochs = 16, 1
+  results = bench.measure_steps(config, steps=1, warmup=0)
+  # 16x16 crops: a quarter of the pixels, so well under half the full step's FLOPs.
+  ratio = results['early']['flops_per_image'] / results['train']['flops_per_image']
+  assert 0.15 < ratio < 0.5, ratio
+  assert 'early 16px' in bench.report(config, results, 'not imported')

@@ -284,3 +284,25 @@ def test_airbench_switches_train_end_to_end_with_conv1_frozen_at_the_whitening_f
                                atol=1e-7)
   epochs = [m for m in _metrics(tmp_path) if m['kind'] == 'epoch']
   assert len(epochs) == EPOCHS and all(np.isfinite(m['test_loss']) for m in epochs)
+
+
+def test_airbench_schedule_switches_train_end_to_end_the_same_on_both_pipelines(
+    tiny_data_dir, tmp_path):
+  # Alternating flips need each example's index from either pipeline, Lookahead keeps its slow
+  # weights in the state, and the early crops switch programs after the first epoch.
+  switches = ('--config.augment.flip=True', '--config.augment.alternate_flip=True',
+              '--config.augment.crop_padding=2', '--config.lookahead_every=2',
+              '--config.augment.early_crop_size=16', '--config.augment.early_crop_epochs=1')
+  states = []
+  for on_device in (False, True):
+    workdir = tmp_path / f'on_device_{on_device}'
+    proc = _launch(workdir, tiny_data_dir, *switches, f'--config.data_on_device={on_device}')
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f'Step {STEPS_PER_EPOCH + 1}: the early crops end' in proc.stderr
+    step, state = _final_params(workdir)
+    assert step == TOTAL_STEPS and 'ema' in state
+    epochs = [m for m in _metrics(workdir) if m['kind'] == 'epoch']
+    assert len(epochs) == EPOCHS and all(np.isfinite(m['test_loss']) for m in epochs)
+    states.append(state)
+  # The same examples by index on both pipelines, so the same flips and the same training.
+  jax.tree.map(np.testing.assert_array_equal, *states)

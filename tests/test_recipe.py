@@ -52,6 +52,130 @@ def test_augmentation_is_a_function_of_the_key():
   assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_crops_and_flips_draw_what_they_drew_before_the_mirror_and_size_arguments():
+  # The runs in README.md drew offsets with a scalar bound and coins of shape [B, 1, 1, 1];
+  # the same draws must come out now, or rerunning those commands would not reproduce them.
+  images, rng = jnp.asarray(_images(64)), jax.random.PRNGKey(5)
+  crop_rng, flip_rng = jax.random.split(rng)
+  offsets = jax.random.randint(crop_rng, (64, 2), 0, 5)
+  padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  crops = jnp.stack([jax.lax.dynamic_slice(p, (o[0], o[1], 0), (32, 32, 3))
+                     for p, o in zip(padded, offsets)])
+  coins = jax.random.bernoulli(flip_rng, 0.5, (64, 1, 1, 1))
+  expected = jnp.where(coins, crops[:, :, ::-1, :], crops)
+  np.testing.assert_array_equal(augment.random_crop_flip(images, rng, 2, True), expected)
+
+
+def test_smaller_crops_are_windows_of_the_padded_image_at_its_scale():
+  images = _images(8)
+  out = np.asarray(augment.random_crop_flip(jnp.asarray(images), jax.random.PRNGKey(7), 2,
+                                            flip=False, size=24))
+  assert out.shape == (8, 24, 24, 3)
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  offsets = set()
+  for i in range(8):
+    found = [(dy, dx) for dy in range(13) for dx in range(13)
+             if np.array_equal(padded[i, dy:dy + 24, dx:dx + 24], out[i])]
+    assert found, f'image {i} is not a 24x24 window of its padded original'
+    offsets.add(found[0])
+  assert len(offsets) > 1
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+  rng, index = jax.random.PRNGKey(6), jnp.arange(1000)
+  epochs = [np.asarray(augment.alternating_flip(rng, index, jnp.int32(e))) for e in range(4)]
+  assert 400 < epochs[0].sum() < 600  # a random half in the first epoch
+  np.testing.assert_array_equal(epochs[1], ~epochs[0])  # then the other half
+  np.testing.assert_array_equal(epochs[2], epochs[0])
+  np.testing.assert_array_equal(epochs[3], epochs[1])
+  # An image's coin is its own: the same wherever it sits in the batch and whoever shares it.
+  some = jnp.asarray([999, 3, 500])
+  np.testing.assert_array_equal(augment.alternating_flip(rng, some, jnp.int32(0)),
+                                epochs[0][np.asarray(some)])
+
+
+def test_given_mirror_flips_exactly_those_images():
+  images = jnp.asarray(_images(4))
+  mirror = jnp.asarray([True, False, False, True])
+  out = np.asarray(augment.random_crop_flip(images, jax.random.PRNGKey(0), 0, True, mirror))
+  for o, i, m in zip(out, np.asarray(images), mirror):
+    np.testing.assert_array_equal(o, i[:, ::-1] if m else i)
+
+
+def _alternating_step_images(state, batch, steps_per_epoch):
+  """The images the train step trains on, by capturing what reaches the model."""
+  seen = []
+  apply_fn = state.apply_fn
+
+  def spy(variables, x, **kwargs):
+    seen.append(np.asarray(x))
+    return apply_fn(variables, x, **kwargs)
+
+  train.train_step(state.replace(apply_fn=spy), batch, lambda s: 0.1, flip=True,
+                   alternate_flip_epoch_steps=steps_per_epoch)
+  return seen[0]
+
+
+def test_train_step_alternates_flips_by_the_epoch_of_its_step():
+  state, _ = test_train._setup()
+  batch = {**test_train._batch(), 'index': np.arange(16, dtype=np.int32)}
+  plain = np.asarray(train.preprocess(batch['image']))
+  first = _alternating_step_images(state, batch, steps_per_epoch=10)  # step 0: epoch 0
+  second = _alternating_step_images(state.replace(step=10), batch, steps_per_epoch=10)
+  mirrored = lambda seen: [np.allclose(s, p[:, ::-1]) and not np.allclose(s, p)
+                           for s, p in zip(seen, plain)]
+  kept = lambda seen: [np.allclose(s, p) for s, p in zip(seen, plain)]
+  assert all(m or k for m, k in zip(mirrored(first), kept(first)))
+  assert 0 < sum(mirrored(first)) < 16
+  assert mirrored(second) == kept(first) and kept(second) == mirrored(first)
+  with pytest.raises(ValueError, match='needs each example'):
+    train.train_step(state, test_train._batch(), lambda s: 0.1, flip=True,
+                     alternate_flip_epoch_steps=10)
+
+
+def _state_with_averaged_weights(config):
+  """A tiny model's state that keeps `state.ema` (the EMA or Lookahead's slow weights)."""
+  model = models.create_model(config.model)
+  lr_fn = train.create_learning_rate_fn(config, 10)
+  state = jax.device_put(train.create_train_state(
+      jax.random.PRNGKey(0), model, train.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
+  return state, lr_fn
+
+
+def test_lookahead_restarts_the_weights_from_the_slow_ones_every_k_steps():
+  config = cifar_tiny.get_config()
+  config.lookahead_every = 2
+  state, lr_fn = _state_with_averaged_weights(config)
+  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn, lookahead_every=2,
+                                   lookahead_decay_fn=lambda s: 0.25))
+  plain = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
+  batch = test_train._batch()
+  slow = jax.device_get(state.ema)
+  one, _ = step(state, batch)  # step 1: no sync; the weights move, the slow ones do not
+  expected_one, _ = plain(state, batch)
+  kernel = lambda tree: np.asarray(tree['params']['head']['kernel'])
+  np.testing.assert_array_equal(kernel(jax.device_get(one.ema)), kernel(slow))
+  np.testing.assert_allclose(one.params['head']['kernel'], expected_one.params['head']['kernel'],
+                             rtol=1e-6, atol=1e-7)
+  fast, _ = plain(one, batch)  # what step 2 computes before it syncs
+  two, _ = step(one, batch)
+  expected = jax.tree.map(lambda s, f: 0.25 * s + 0.75 * f, slow,
+                          {'params': jax.device_get(fast.params),
+                           'batch_stats': jax.device_get(fast.batch_stats)})
+  for got in ({'params': two.params, 'batch_stats': two.batch_stats}, two.ema):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.device_get(got), expected)
+
+
+def test_lookahead_decay_ramps_up_as_the_cube_of_progress():
+  config = cifar_tiny.get_config()
+  config.num_epochs, config.lookahead_every, config.lookahead_decay = 2, 5, 0.95
+  decay = train.create_lookahead_decay_fn(config, steps_per_epoch=50)
+  assert float(decay(0)) == 0.0
+  assert float(decay(50)) == pytest.approx(0.95 ** 5 / 8)
+  assert float(decay(100)) == pytest.approx(0.95 ** 5)
+
+
 def test_label_smoothing_loss_matches_optax_on_the_same_logits():
   config = cifar_tiny.get_config()
   state, lr_fn = test_train._setup(config)
@@ -71,7 +195,7 @@ def test_augmentation_changes_the_step_and_off_is_the_plain_step():
   state, lr_fn = test_train._setup()
   batch = test_train._batch()
   plain, _ = train.train_step(state, batch, lr_fn)
-  switched_off, _ = train.make_train_step(cifar_tiny.get_config(), lr_fn)(state, batch)
+  switched_off, _ = train.make_train_step(cifar_tiny.get_config(), lr_fn, 10)(state, batch)
   augmented, _ = train.train_step(state, batch, lr_fn, crop_padding=4, flip=True)
   kernel = lambda s: np.asarray(s.params['head']['kernel'])
   np.testing.assert_array_equal(kernel(plain), kernel(switched_off))
@@ -81,13 +205,10 @@ def test_augmentation_changes_the_step_and_off_is_the_plain_step():
 def test_ema_tracks_the_weights_and_is_what_evaluation_uses():
   config = cifar_tiny.get_config()
   config.ema_decay = 0.9
-  model = models.create_model(config.model)
-  lr_fn = train.create_learning_rate_fn(config, 10)
-  state = jax.device_put(train.create_train_state(
-      jax.random.PRNGKey(0), model, train.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
+  state, lr_fn = _state_with_averaged_weights(config)
   before = jax.device_get(state.params)
   batch = test_train._batch()
-  new, _ = train.make_train_step(config, lr_fn)(state, batch)
+  new, _ = train.make_train_step(config, lr_fn, 10)(state, batch)
   expected = jax.tree.map(lambda old, cur: 0.9 * old + 0.1 * cur, before,
                           jax.device_get(new.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),

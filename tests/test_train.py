@@ -172,6 +172,12 @@ def test_learning_rate_schedules():
   assert float(fn(10)) == pytest.approx(0.2) and float(fn(40)) == pytest.approx(0.0, abs=1e-7)
 
 
+def _set(config, field, value):
+  """config.<field> = value, for a dotted field such as 'augment.flip'."""
+  section, _, name = field.rpartition('.')
+  (config[section] if section else config)[name] = value
+
+
 @pytest.mark.parametrize('field, value, match', [
     ('learning_rate', -0.1, 'learning_rate must be positive'),
     ('batch_size', 18, 'batch_size=18 must be a positive multiple of the 4 devices'),
@@ -185,10 +191,14 @@ def test_learning_rate_schedules():
     ('eval_every_epochs', 0, 'eval_every_epochs must be positive'),
     ('bn_bias_lr_scale', 0.0, 'bn_bias_lr_scale must be positive'),
     ('eval_translate', 32, 'eval_translate must be in'),
+    ('lookahead_every', -1, 'lookahead_every must be >= 0'),
+    ('lookahead_decay', 1.0, 'lookahead_decay must be in'),
+    ('augment.early_crop_size', 20, 'early_crop_size must be 0 or a multiple of 8'),
+    ('augment.early_crop_epochs', 3, 'early_crop_epochs must be in'),
 ])
 def test_bad_configs_fail_before_compiling(field, value, match):
   config = cifar_tiny.get_config()
-  config[field] = value
+  _set(config, field, value)
   with pytest.raises(ValueError, match=match):
     train.validate_config(config, num_devices=4)
 
@@ -197,6 +207,18 @@ def test_batch_must_split_into_ghost_batch_norm_groups():
   config = cifar_tiny.get_config()
   config.model.bn_group_size = 3
   with pytest.raises(ValueError, match='multiple of model.bn_group_size=3'):
+    train.validate_config(config, num_devices=4)
+
+
+@pytest.mark.parametrize('fields, match', [
+    ({'ema_decay': 0.99, 'lookahead_every': 5}, 'set one of them to 0'),
+    ({'augment.flip': False, 'augment.alternate_flip': True}, 'needs augment.flip=True'),
+])
+def test_switches_that_contradict_each_other_are_refused(fields, match):
+  config = cifar_tiny.get_config()
+  for field, value in fields.items():
+    _set(config, field, value)
+  with pytest.raises(ValueError, match=match):
     train.validate_config(config, num_devices=4)
 
 
@@ -284,7 +306,7 @@ def test_ema_state_round_trips_and_a_state_without_it_is_refused(tmp_path):
   with_ema = jax.device_put(train.create_train_state(
       jax.random.PRNGKey(0), models.create_model(config.model),
       train.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
-  with_ema, _ = jax.jit(train.make_train_step(config, lr_fn))(with_ema, _batch())
+  with_ema, _ = jax.jit(train.make_train_step(config, lr_fn, 10))(with_ema, _batch())
   manager = checkpointing.make_manager(str(tmp_path / 'ema'), keep=2)
   checkpointing.save(manager, with_ema, {'step': 1})
   manager.wait_until_finished()
