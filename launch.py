@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from hybrid_flax import distributed
+from hybrid_flax import host_memory
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
 
@@ -89,6 +90,7 @@ def main(argv):
   input_pipeline.hide_gpus_from_tensorflow()
   logging.info('JAX %s, process %d of %d, local devices: %s; %d devices in all.', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count())
+  logging.info('%s', host_memory.status())
   logging.info('Config:\n%s', config)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
@@ -99,5 +101,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()
   jax.config.config_with_absl()
   app.run(main, flags_parser=_parse_flags)

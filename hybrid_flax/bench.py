@@ -26,6 +26,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from hybrid_flax import host_memory
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
 
@@ -194,7 +195,7 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
            peak_gflops: float = 0.0) -> str:
   lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
-           f'embed={config.model.embed}',
+           f'embed={config.model.embed}; {host_memory.status()}',
            f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'
            f'{"GFLOP/img":>11}{"GFLOP/s":>9}']
   for name in ('train', 'eval', 'early'):
@@ -250,6 +251,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_memory.reexec_with_huge_pages()  # the training launcher does the same
   # Flags live here, not at import: tests import this module beside others that define flags.
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to measure.',
                                             lock_config=True)

@@ -110,6 +110,50 @@ def test_attention_is_permutation_equivariant_over_positions():
   assert float(jnp.abs(moved[:, 1:] - out[:, 1:]).max()) > 1e-4
 
 
+@pytest.mark.parametrize('num_heads, shape, dtype, tol', [
+    (1, (2, 16, 16, 32), jnp.float32, 1e-5), (8, (2, 4, 4, 64), jnp.float32, 1e-5),
+    (2, (3, 4, 3, 8), jnp.bfloat16, 5e-2)])
+def test_attention_impls_share_parameters_and_agree(num_heads, shape, dtype, tol):
+  # models.SelfAttention stands in for nn.MultiHeadDotProductAttention: the same variables
+  # (names, shapes, initial values), outputs, gradients and recorded attention weights.
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ours, flax_own = (models.AttentionBlock(num_heads, impl=impl, dtype=dtype)
+                    for impl in ('deferred', 'flax'))
+  variables = ours.init(jax.random.PRNGKey(1), x)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               flax_own.init(jax.random.PRNGKey(1), x))
+
+  def run(block, variables):
+    return block.apply(variables, x, mutable=['intermediates'])
+
+  def loss(block, variables):
+    return jnp.sum(jnp.sin(block.apply(variables, x).astype(jnp.float32)))
+
+  scale = lambda a: float(jnp.abs(a.astype(jnp.float32)).max())
+  (out, inter), (ref, ref_inter) = run(ours, variables), run(flax_own, variables)
+  assert scale(out - ref) <= tol * scale(ref)
+  weights = inter['intermediates']['mhsa']['attention_weights'][0]
+  ref_weights = ref_inter['intermediates']['mhsa']['attention_weights'][0]
+  assert weights.shape == ref_weights.shape == (shape[0], num_heads) + (shape[1] * shape[2],) * 2
+  assert scale(weights - ref_weights) <= tol
+  grads, ref_grads = (jax.grad(loss, argnums=1)(block, variables) for block in (ours, flax_own))
+  # Relative to the largest gradient: the key bias's is zero (softmax ignores a shift that is
+  # the same for every key), so it differs by round-off only.
+  largest = max(scale(g) for g in jax.tree.leaves(ref_grads))
+  for g, ref_g in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert scale(g - ref_g) <= tol * largest
+
+
+def test_attention_weights_are_recorded_only_when_asked():
+  block = models.AttentionBlock(1)
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 2, 4))
+  variables = block.init(jax.random.PRNGKey(1), x)
+  assert 'intermediates' not in variables
+  _, state = block.apply(variables, x, mutable=['intermediates'])
+  np.testing.assert_allclose(state['intermediates']['mhsa']['attention_weights'][0].sum(-1),
+                             1.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize('norm', ['batch', 'layer'])
 def test_attention_norm_normalises_the_block_output(norm):
   block = models.AttentionBlock(num_heads=2, norm=norm)
@@ -141,6 +185,7 @@ def test_attention_block_rejects_heads_that_do_not_divide_channels():
     ({'num_heads': 0}, 'positive'),
     ({'dropout': 1.0}, 'dropout'),
     ({'attention_norm': 'group'}, 'attention_norm'),
+    ({'attention_impl': 'flash'}, 'attention_impl'),
     ({'logit_scale': 0.0}, 'logit_scale'),
     ({'bn_group_size': -1}, 'bn_group_size'),
 ])
@@ -222,7 +267,7 @@ def _block_fn(block, x, train_mode):
 
 
 @pytest.mark.parametrize('name', ['conv', 'conv_pool', 'residual', 'attention',
-                                  'attention_noembed', 'attention_batchnorm',
+                                  'attention_noembed', 'attention_flax', 'attention_batchnorm',
                                   'attention_layernorm', 'residual_ghost_norm'])
 def test_block_gradients_match_finite_differences(name):
   block, train_mode = {
@@ -231,6 +276,7 @@ def test_block_gradients_match_finite_differences(name):
       'residual': (models.ResidualBlock(dtype=jnp.float64), {'train': True}),
       'attention': (models.AttentionBlock(2, dtype=jnp.float64), {}),
       'attention_noembed': (models.AttentionBlock(2, embed=False, dtype=jnp.float64), {}),
+      'attention_flax': (models.AttentionBlock(2, impl='flax', dtype=jnp.float64), {}),
       'attention_batchnorm': (models.AttentionBlock(2, norm='batch', dtype=jnp.float64),
                               {'train': True}),
       'attention_layernorm': (models.AttentionBlock(2, norm='layer', dtype=jnp.float64), {}),
