@@ -30,7 +30,10 @@ EVAL_BATCH = 12
 # same numbers added in a different order, so the parameters agree to float32 rounding after one
 # step (measured max |diff| 1.2e-7) and drift apart by about 3x per step on this tiny model
 # (max-pool and ReLU switch on near-ties): 4.0e-6 after the 4 steps trained here, 6.7e-5 after
-# 5. A wrong batch on any process is off by ~1e-2 after one step.
+# 5. A wrong batch on any process is off by ~1e-2 after one step. The runs use Flax's attention
+# core: the default one (models.SelfAttention, the same function to rounding, tested in
+# test_models.py) starts this trajectory from different rounding, which meets a max-pool near-tie
+# in step 2 and ends 1.5e-3 apart, too close to the wrong-batch signal to tell the two apart.
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -62,7 +65,8 @@ def _env(devices):
 def _args(data_dir, workdir, *extra):
   return (test_launch._launch_args(  # pylint: disable=protected-access
       data_dir, f'--config.num_epochs={EPOCHS}', f'--config.batch_size={BATCH}',
-      f'--config.eval_batch_size={EVAL_BATCH}', '--config.checkpoint_every_steps=1', *extra)
+      f'--config.eval_batch_size={EVAL_BATCH}', '--config.checkpoint_every_steps=1',
+      '--config.model.attention_impl=flax', *extra)
           + ['--workdir', str(workdir)])
 
 

@@ -63,21 +63,25 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
 
 
 def test_sharded_step_on_4_devices_matches_one_device():
+  # Each step starts both from the same state (one device's): trajectories compared over
+  # several steps drift apart chaotically once rounding flips a max-pool near-tie (1.5e-5
+  # after 2 steps, 2e-3 after 3 with the default attention core), which says nothing of
+  # sharding.
   assert jax.device_count() == 4
   batch = _batch()
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    state, lr_fn = _setup()
-    fn, data, rep = _sharded_step_fn(lr_fn, devices)
-    state = jax.device_put(state, rep)
-    for _ in range(3):
-      state, metrics = fn(state, jax.device_put(batch, data))
-    assert len(state.params['head']['kernel'].sharding.device_set) == len(devices)
-    results.append((jax.device_get(state.params), jax.device_get(state.batch_stats),
-                    float(metrics['loss'])))
-  (p1, b1, l1), (p4, b4, l4) = results
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), p1, p4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), b1, b4)
+  state, lr_fn = _setup()
+  steps = [_sharded_step_fn(lr_fn, devices) for devices in (jax.devices()[:1], jax.devices())]
+  for _ in range(3):
+    host = jax.device_get(state)
+    results = []
+    for (fn, data, rep), n in zip(steps, (1, 4)):
+      new, metrics = fn(jax.device_put(host, rep), jax.device_put(batch, data))
+      assert len(new.params['head']['kernel'].sharding.device_set) == n
+      results.append((new, float(metrics['loss'])))
+    (state, l1), (state4, l4) = results
+    for a, b in ((state.params, state4.params), (state.batch_stats, state4.batch_stats)):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   jax.device_get(a), jax.device_get(b))
   assert l1 == pytest.approx(l4, rel=1e-4)
 
 
