@@ -226,9 +226,9 @@ class AttentionBlock(nn.Module):
   (B,H,W,C) -> (B,HW,C) -> Dense -> MHSA(x) + x -> Dense -> (B,H,W,C). With `embed=False`
   the two Dense layers are dropped: the paper's 60% ablation. `impl` picks the attention core,
   `SelfAttention` ('deferred') or Flax's own ('flax'): the same function. `norm` ('batch' or
-  'layer'; not in the paper) normalises the block's output, which the paper's block leaves unbounded (the
-  second block reaches the classifier through a residual block and a max-pool only): a switch
-  for testing whether that is what makes large learning rates diverge.
+  'layer'; not in the paper) normalises the block's output, which the paper's block leaves
+  unbounded (the second block reaches the classifier through a residual block and a max-pool
+  only): a switch for testing whether that is what makes large learning rates diverge.
   """
 
   num_heads: int

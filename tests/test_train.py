@@ -79,9 +79,9 @@ def test_sharded_step_on_4_devices_matches_one_device():
       assert len(new.params['head']['kernel'].sharding.device_set) == n
       results.append((new, float(metrics['loss'])))
     (state, l1), (state4, l4) = results
-    for a, b in ((state.params, state4.params), (state.batch_stats, state4.batch_stats)):
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                   jax.device_get(a), jax.device_get(b))
+    for one, four in ((state.params, state4.params), (state.batch_stats, state4.batch_stats)):
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                   jax.device_get(one), jax.device_get(four))
   assert l1 == pytest.approx(l4, rel=1e-4)
 
 
