@@ -45,7 +45,7 @@ def test_pinned_parameter_counts(overrides, expected):
 
 @pytest.mark.parametrize('config_module, expected', [
     (cifar_hybrid, 8_250_378), (cifar_hybrid_noembed, 7_692_042), (cifar_cnn, 6_575_370),
-    (cifar_hybrid_fast, 8_250_378), (cifar_hybrid_cpu, 1_941_578)])
+    (cifar_hybrid_fast, 8_250_378), (cifar_hybrid_cpu, 1_178_122)])
 def test_paper_configs_have_pinned_parameter_counts(config_module, expected):
   assert _param_count(models.create_model(config_module.get_config().model)) == expected
 
