@@ -54,11 +54,12 @@ def cache_views(workdir: str, out: str) -> str:
   run.config.eval_flip, run.config.eval_translate = False, 0  # one view per call
   images, labels = input_pipeline.load_split(run.config.dataset, run.config.eval_split,
                                              run.config.data_dir)
+  h, w = images.shape[1:3]
   padded = np.pad(images, ((0, 0), (SHIFT, SHIFT), (SHIFT, SHIFT), (0, 0)), mode='reflect')
   views = {}
   for dy in (-SHIFT, 0, SHIFT):
     for dx in (-SHIFT, 0, SHIFT):
-      shifted = padded[:, SHIFT + dy:SHIFT + dy + 32, SHIFT + dx:SHIFT + dx + 32]
+      shifted = padded[:, SHIFT + dy:SHIFT + dy + h, SHIFT + dx:SHIFT + dx + w]
       for flip in (0, 1):
         x = np.ascontiguousarray(shifted[:, :, ::-1] if flip else shifted)
         views[f'{dy}_{dx}_{flip}'] = inference.predict_logits(run, x)
