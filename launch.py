@@ -21,6 +21,7 @@ from hybrid_flax import distributed
 from hybrid_flax import host_memory
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
+from hybrid_flax import xla_cpu_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.',
                                required=True)
@@ -80,6 +81,10 @@ def main(argv):
     sys.exit(f'error: cannot load the --config file: {type(cause).__name__}: '
              f'{_one_line(str(cause).strip().splitlines()[-1])}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  try:
+    xla_cpu_flags.apply(config.xla_cpu_convolutions)  # before anything starts a JAX backend
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   if distributed.wanted(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                        _PROCESS_ID.value):
     try:
@@ -91,6 +96,7 @@ def main(argv):
   logging.info('JAX %s, process %d of %d, local devices: %s; %d devices in all.', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count())
   logging.info('%s', host_memory.status())
+  logging.info('%s', xla_cpu_flags.status(config.xla_cpu_convolutions))
   logging.info('Config:\n%s', config)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)

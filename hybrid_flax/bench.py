@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from hybrid_flax import host_memory
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
+from hybrid_flax import xla_cpu_flags
 
 _CIFAR10_TRAIN_SIZE = 50_000
 _STEPS_PER_EPOCH = 1000  # the schedules' clock only; any length times the same
@@ -195,7 +196,8 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
            peak_gflops: float = 0.0) -> str:
   lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
-           f'embed={config.model.embed}; {host_memory.status()}',
+           f'embed={config.model.embed}; {host_memory.status()}; '
+           f'{xla_cpu_flags.status(config.xla_cpu_convolutions)}',
            f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'
            f'{"GFLOP/img":>11}{"GFLOP/s":>9}']
   for name in ('train', 'eval', 'early'):
@@ -235,6 +237,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   try:
+    xla_cpu_flags.apply(config.xla_cpu_convolutions)  # before anything starts a JAX backend
     if _TORCH.value:
       check_torch_twin_matches(config)  # first: the JAX timing before it takes minutes
     steps = measure_steps(config, _STEPS.value, _WARMUP.value)

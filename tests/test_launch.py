@@ -187,6 +187,8 @@ def test_missing_dataset_stops_at_once_with_import_instructions(tmp_path):
     ('--config.model.num_heads=3', 'is not divisible by model.num_heads=3'),
     ('--config.dataset=cifar11', "error: unknown data set 'cifar11'"),
     ('--config=configs/nope.py', 'error: cannot load the --config file: OSError'),
+    ('--config.xla_cpu_convolutions=fast',
+     "error: xla_cpu_convolutions must be one of ('xla', 'default'), got 'fast'"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, tiny_data_dir, override, message):
   proc = _launch(tmp_path, tiny_data_dir, override)
