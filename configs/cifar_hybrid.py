@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # process then reads the whole split; batches and results are the same either way.
   config.data_on_device = False
   # Which kernels XLA's CPU backend runs convolutions with (hybrid_flax/xla_cpu_flags.py): 'xla'
-  # (its own; the paper-width step ~7% faster on a 2-core CPU) or 'default' (jaxlib's choice,
+  # (its own; the paper-width step 5-11% faster on a 2-core CPU) or 'default' (jaxlib's choice,
   # YNNPACK in jaxlib 0.10). Only the kernels change, and only on CPUs; the process's first
   # backend fixes it, so entry points apply it before JAX starts.
   config.xla_cpu_convolutions = 'xla'
