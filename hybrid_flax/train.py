@@ -142,9 +142,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.eval_every_epochs > 0, 'eval_every_epochs must be positive (the last epoch is '
                                      f'always evaluated), got {config.eval_every_epochs}'),
       (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
-      (config.xla_cpu_convolutions in xla_cpu_flags.CHOICES,
-       f'xla_cpu_convolutions must be one of {xla_cpu_flags.CHOICES}, got '
-       f'{config.xla_cpu_convolutions!r}'),
   ]
   over = f' of {jax.process_count()} processes' if jax.process_count() > 1 else ''
   for name in ('batch_size', 'eval_batch_size'):
@@ -159,6 +156,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
+  xla_cpu_flags.check(config.xla_cpu_convolutions)
   models.validate_model_config(config.model)
 
 

@@ -49,6 +49,7 @@ def _jaxlib_knows_flag() -> bool:
 
 
 def check(choice: str) -> None:
+  """Raises ValueError for a `config.xla_cpu_convolutions` that is not one of CHOICES."""
   if choice not in CHOICES:
     raise ValueError(f'xla_cpu_convolutions must be one of {CHOICES}, got {choice!r}')
 
