@@ -11,8 +11,8 @@ wide for it), evaluation only at the end (each costs ~30 s of the budget per pai
 with flips and 2-pixel shifts averaged (+0.5 points over flips alone). 14 epochs, the first 9 on
 24x24 crops, whose steps cost about 0.55x as much: the 13-epoch config before it (7 early)
 reached 88% in 1 of 6 seeds, and 14 with 8 early (6 at full size) took just over 30 min in a
-slow host hour. On a 2-core CPU run it with `--jax_num_cpu_devices=4` (four data-parallel shards keep both
-cores busy; README, Benchmark): CIFAR-10 (JPEG copy), seeds 0-3 gave 88.20%,
+slow host hour. On a 2-core CPU run it with `--jax_num_cpu_devices=4` (four data-parallel
+shards keep both cores busy; README, Benchmark): on CIFAR-10 (JPEG copy) seeds 0-3 gave 88.20%,
 88.24%, 87.88% and 87.88% (mean 88.05%) in 27 min 23 s to 30 min 44 s wall as the host's speed
 wandered, with `launch.py`'s huge-page malloc (README, Results).
 """
@@ -38,7 +38,8 @@ def get_config():
   config.eval_translate = 2
   config.model.whiten = True
   config.log_every_steps = 50
-  # XLA's own convolutions: at 4 devices the 24x24 step ran ~10% faster than the earlier 8 devices
-  # with YNNPACK's (five interleaved benchmark pairs; README, Benchmark), the full-size one the same.
+  # XLA's own convolutions: at 4 devices the 24x24 step ran ~10% faster than the earlier 8
+  # devices with YNNPACK's, the full-size one the same (five interleaved benchmark pairs; README,
+  # Results).
   config.xla_cpu_convolutions = 'xla'
   return config
