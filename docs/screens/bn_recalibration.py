@@ -67,12 +67,12 @@ def main():
   jax.config.update('jax_num_cpu_devices', args.devices)
   from hybrid_flax import inference, input_pipeline
   input_pipeline.hide_gpus_from_tensorflow()
+  # Runs of one data set share its splits: read each once.
+  load_split = functools.lru_cache(input_pipeline.load_split)
   for workdir in args.workdirs:
     run = inference.load_run(workdir)
-    test_x, test_y = input_pipeline.load_split(run.config.dataset, run.config.eval_split,
-                                               run.config.data_dir)
-    train_x, _ = input_pipeline.load_split(run.config.dataset, run.config.train_split,
-                                           run.config.data_dir)
+    test_x, test_y = load_split(run.config.dataset, run.config.eval_split, run.config.data_dir)
+    train_x, _ = load_split(run.config.dataset, run.config.train_split, run.config.data_dir)
     pick = np.random.default_rng(args.seed).permutation(len(train_x))[:args.samples]
     train_x = train_x[np.sort(pick)]
 
@@ -83,12 +83,9 @@ def main():
     print(f'  {"running statistics":<34}{accuracy(run):8.2f}')
     for mode in args.augment:
       stats = precise_batch_stats(run, train_x, args.batch, mode, args.seed)
-      variables = dict(run.variables, batch_stats=stats)
-      if run.state.ema is not None:
-        recalibrated = dataclasses.replace(run, state=run.state.replace(ema=variables))
-      else:
-        recalibrated = dataclasses.replace(
-            run, state=run.state.replace(batch_stats=stats))
+      # `train.eval_variables` evaluates `state.ema` whenever it is set, with or without EMA.
+      recalibrated = dataclasses.replace(run, state=run.state.replace(
+          ema=dict(run.variables, batch_stats=stats)))
       print(f'  {f"precise, {args.samples} images, {mode}":<34}{accuracy(recalibrated):8.2f}',
             flush=True)
 
