@@ -11,6 +11,13 @@ under SLURM / Open MPI / JAX_COORDINATOR_ADDRESS, which jax.distributed reads by
 import logging as std_logging
 import sys
 
+from hybrid_flax import host_memory
+
+if __name__ == '__main__':
+  # Before the imports below, so that only the re-executed process pays for them.
+  host_memory.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 from absl import app
 from absl import flags
@@ -18,10 +25,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from hybrid_flax import distributed
-from hybrid_flax import host_memory
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
 from hybrid_flax import xla_cpu_flags
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go.',
                                required=True)
@@ -107,6 +114,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_pages()
   jax.config.config_with_absl()
   app.run(main, flags_parser=_parse_flags)

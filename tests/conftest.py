@@ -7,6 +7,21 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import atexit  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+
+# Most subprocess tests launch the tiny config again and again (killed, resumed, stopped):
+# compile each program once per session, in this process and every one it starts. The cache
+# lives in this session's temporary folder only, so it never outlives the code it was compiled
+# from. Without XLA's own (GPU autotuning) caches the keys do not depend on the folder's path,
+# so a copy of the cache hits too.
+JIT_CACHE = tempfile.mkdtemp(prefix='hybrid-flax-tests-jit-cache-')
+atexit.register(shutil.rmtree, JIT_CACHE, ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = JIT_CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] = 'none'
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_platforms', 'cpu')

@@ -43,23 +43,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-_jit_cache = {}
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _compilation_cache(tmp_path_factory):
-  # The runs of one topology compile the same programs: compile them once, in a cache of this
-  # module's runs only (it saves time without outliving the code it was compiled from).
-  _jit_cache['dir'] = str(tmp_path_factory.mktemp('jit_cache'))
-  yield
-  _jit_cache.clear()
-
-
 def _env(devices):
-  cache = ({'JAX_COMPILATION_CACHE_DIR': _jit_cache['dir'],
-            'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'} if _jit_cache else {})
+  # The compilation cache (conftest) comes with os.environ: the runs of one topology compile
+  # the same programs.
   return {**os.environ, 'JAX_PLATFORMS': 'cpu',
-          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', **cache}
+          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
 
 
 def _args(data_dir, workdir, *extra):

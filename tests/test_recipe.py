@@ -102,26 +102,32 @@ def test_given_mirror_flips_exactly_those_images():
     np.testing.assert_array_equal(o, i[:, ::-1] if m else i)
 
 
-def _alternating_step_images(state, batch, steps_per_epoch):
-  """The images the train step trains on, by capturing what reaches the model."""
+def _alternating_step_images(state, batch, steps, steps_per_epoch):
+  """The images the jitted train step trains on at each of `steps`, as they reach the model."""
   seen = []
   apply_fn = state.apply_fn
 
   def spy(variables, x, **kwargs):
-    seen.append(np.asarray(x))
+    jax.debug.callback(lambda images: seen.append(np.asarray(images)), x)
     return apply_fn(variables, x, **kwargs)
 
-  train.train_step(state.replace(apply_fn=spy), batch, lambda s: 0.1, flip=True,
-                   alternate_flip_epoch_steps=steps_per_epoch)
-  return seen[0]
+  step_fn = jax.jit(functools.partial(train.train_step, learning_rate_fn=lambda s: 0.1, flip=True,
+                                      alternate_flip_epoch_steps=steps_per_epoch))
+  images = []
+  for step in steps:  # one program for all: the step is an argument, not a constant
+    step_fn(state.replace(apply_fn=spy, step=jnp.full_like(state.step, step)), batch)
+    jax.effects_barrier()
+    images.append(seen.pop())
+    assert not seen
+  return images
 
 
 def test_train_step_alternates_flips_by_the_epoch_of_its_step():
   state, _ = test_train._setup()
   batch = {**test_train._batch(), 'index': np.arange(16, dtype=np.int32)}
   plain = np.asarray(train.preprocess(batch['image']))
-  first = _alternating_step_images(state, batch, steps_per_epoch=10)  # step 0: epoch 0
-  second = _alternating_step_images(state.replace(step=10), batch, steps_per_epoch=10)
+  # Steps 0 and 10 are the first steps of epochs 0 and 1.
+  first, second = _alternating_step_images(state, batch, steps=(0, 10), steps_per_epoch=10)
   mirrored = lambda seen: [np.allclose(s, p[:, ::-1]) and not np.allclose(s, p)
                            for s, p in zip(seen, plain)]
   kept = lambda seen: [np.allclose(s, p) for s, p in zip(seen, plain)]
