@@ -25,6 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from hybrid_flax import distributed
+from hybrid_flax import host_cpu
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
 from hybrid_flax import xla_cpu_flags
@@ -102,6 +103,7 @@ def main(argv):
   input_pipeline.hide_gpus_from_tensorflow()
   logging.info('JAX %s, process %d of %d, local devices: %s; %d devices in all.', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_devices(), jax.device_count())
+  logging.info('%s', host_cpu.describe())
   logging.info('%s', host_memory.status())
   logging.info('%s', xla_cpu_flags.status(config.xla_cpu_convolutions))
   logging.info('Config:\n%s', config)

@@ -26,6 +26,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from hybrid_flax import host_cpu
 from hybrid_flax import host_memory
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
@@ -196,7 +197,7 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
            peak_gflops: float = 0.0) -> str:
   lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
-           f'embed={config.model.embed}; {host_memory.status()}; '
+           f'embed={config.model.embed}; {host_cpu.describe()}; {host_memory.status()}; '
            f'{xla_cpu_flags.status(config.xla_cpu_convolutions)}',
            f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'
            f'{"GFLOP/img":>11}{"GFLOP/s":>9}']

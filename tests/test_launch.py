@@ -105,6 +105,7 @@ def test_launch_trains_evaluates_and_checkpoints(reference_run):
   steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
   assert steps[-1] == TOTAL_STEPS and len(steps) == 3  # keep_checkpoints
   assert 'No checkpoint' in proc.stderr
+  assert 'host CPU: ' in proc.stderr  # wall times in the log need the CPU beside them
   assert json.load(open(workdir / 'config.json'))['dataset'] == 'cifar10_folder'
 
 
