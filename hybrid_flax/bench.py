@@ -19,6 +19,13 @@ import subprocess
 import sys
 import time
 
+from hybrid_flax import host_memory  # standard library only: cheap before the imports below
+
+if __name__ == '__main__':
+  # Before the heavy imports, so that only the re-executed process pays for them (as launch.py).
+  host_memory.reexec_with_huge_pages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
 from absl import app
@@ -27,10 +34,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from hybrid_flax import host_cpu
-from hybrid_flax import host_memory
 from hybrid_flax import input_pipeline
 from hybrid_flax import train
 from hybrid_flax import xla_cpu_flags
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CIFAR10_TRAIN_SIZE = 50_000
 _STEPS_PER_EPOCH = 1000  # the schedules' clock only; any length times the same
@@ -255,7 +262,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_pages()  # the training launcher does the same
   # Flags live here, not at import: tests import this module beside others that define flags.
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file to measure.',
                                             lock_config=True)
