@@ -16,8 +16,13 @@ import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position,wro
 # lives in this session's temporary folder only, so it never outlives the code it was compiled
 # from. Without XLA's own (GPU autotuning) caches the keys do not depend on the folder's path,
 # so a copy of the cache hits too.
-JIT_CACHE = tempfile.mkdtemp(prefix='hybrid-flax-tests-jit-cache-')
-atexit.register(shutil.rmtree, JIT_CACHE, ignore_errors=True)
+# Under pytest-xdist the workers inherit the folder from the process that made it, which alone
+# removes it, so a program one worker compiled is a cache hit in the other.
+JIT_CACHE = os.environ.get('HYBRID_FLAX_TESTS_JIT_CACHE')
+if JIT_CACHE is None:
+  JIT_CACHE = tempfile.mkdtemp(prefix='hybrid-flax-tests-jit-cache-')
+  os.environ['HYBRID_FLAX_TESTS_JIT_CACHE'] = JIT_CACHE
+  atexit.register(shutil.rmtree, JIT_CACHE, ignore_errors=True)
 os.environ['JAX_COMPILATION_CACHE_DIR'] = JIT_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] = 'none'
@@ -74,3 +79,4 @@ def tiny_data_dir(tmp_path_factory, tiny_zip):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   assert import_data.import_source(tiny_zip, data_dir) == 'cifar10_folder'
   return data_dir
+

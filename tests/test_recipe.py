@@ -12,9 +12,17 @@ from configs import cifar_hybrid
 from configs import cifar_hybrid_fast
 from configs import cifar_tiny
 from hybrid_flax import augment
+from hybrid_flax import input_pipeline
 from hybrid_flax import models
 from hybrid_flax import train
+from tests import test_launch
 from tests import test_train
+
+
+# The switches end to end through launch.py, as a user runs them.
+_launch = test_launch._launch  # pylint: disable=protected-access
+_final_params = test_launch._final_params  # pylint: disable=protected-access
+_metrics = test_launch._metrics  # pylint: disable=protected-access
 
 
 def _images(n=6, seed=0):
@@ -372,3 +380,44 @@ def test_translate_tta_averages_shifted_views_with_the_centred_one():
   got = train.eval_logits(state.apply_fn, variables, jnp.asarray(images), flip=True, translate=2)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
   assert not np.allclose(got, logits(images), atol=1e-4)
+
+
+def test_airbench_switches_train_end_to_end_with_conv1_frozen_at_the_whitening_filters(
+    tiny_data_dir, tmp_path):
+  proc = _launch(tmp_path, tiny_data_dir, '--config.model.whiten=True', '--config.model.dirac=True',
+                 '--config.bn_bias_lr_scale=8', '--config.eval_translate=1',
+                 '--config.ema_decay=0.9')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'conv1 whitens 3x3 patches, estimated from 80 training images' in proc.stderr
+  step, state = _final_params(tmp_path)
+  assert step == test_launch.TOTAL_STEPS
+  images, _ = input_pipeline.load_split('cifar10_folder', 'train', str(tiny_data_dir))
+  expected = models.whitening_kernel(np.asarray(train.preprocess(images)),
+                                     cifar_tiny.get_config().model.widths[0])
+  for variables in (state['params'], state['ema']['params']):
+    np.testing.assert_allclose(variables['conv1']['Conv_0']['kernel'], expected, rtol=1e-6,
+                               atol=1e-7)
+  epochs = [m for m in _metrics(tmp_path) if m['kind'] == 'epoch']
+  assert len(epochs) == test_launch.EPOCHS and all(np.isfinite(m['test_loss']) for m in epochs)
+
+
+def test_airbench_schedule_switches_train_end_to_end_the_same_on_both_pipelines(
+    tiny_data_dir, tmp_path):
+  # Alternating flips need each example's index from either pipeline, Lookahead keeps its slow
+  # weights in the state, and the early crops switch programs after the first epoch.
+  switches = ('--config.augment.flip=True', '--config.augment.alternate_flip=True',
+              '--config.augment.crop_padding=2', '--config.lookahead_every=2',
+              '--config.augment.early_crop_size=16', '--config.augment.early_crop_epochs=1')
+  states = []
+  for on_device in (False, True):
+    workdir = tmp_path / f'on_device_{on_device}'
+    proc = _launch(workdir, tiny_data_dir, *switches, f'--config.data_on_device={on_device}')
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f'Step {test_launch.STEPS_PER_EPOCH + 1}: the early crops end' in proc.stderr
+    step, state = _final_params(workdir)
+    assert step == test_launch.TOTAL_STEPS and 'ema' in state
+    epochs = [m for m in _metrics(workdir) if m['kind'] == 'epoch']
+    assert len(epochs) == test_launch.EPOCHS and all(np.isfinite(m['test_loss']) for m in epochs)
+    states.append(state)
+  # The same examples by index on both pipelines, so the same flips and the same training.
+  jax.tree.map(np.testing.assert_array_equal, *states)
