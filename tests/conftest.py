@@ -79,4 +79,3 @@ def tiny_data_dir(tmp_path_factory, tiny_zip):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   assert import_data.import_source(tiny_zip, data_dir) == 'cifar10_folder'
   return data_dir
-
