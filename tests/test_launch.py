@@ -264,4 +264,3 @@ def test_data_on_device_trains_exactly_like_the_host_pipeline(reference_run, tin
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))
   ref_test = [m['test_accuracy'] for m in _metrics(reference_run[0]) if m['kind'] == 'epoch']
   assert [m['test_accuracy'] for m in _metrics(tmp_path) if m['kind'] == 'epoch'] == ref_test
-
