@@ -12,7 +12,7 @@ with flips and 2-pixel shifts averaged (+0.5 points over flips alone). 14 epochs
 24x24 crops, whose steps cost about 0.55x as much: the 13-epoch config before it (7 early)
 reached 88% in 1 of 6 seeds, and 14 with 8 early (6 at full size) took just over 30 min in a
 slow host hour. On a 2-core CPU run it with `--jax_num_cpu_devices=4` (four data-parallel
-shards keep both cores busy; README, Benchmark): on CIFAR-10 (JPEG copy) seeds 0-3 gave 88.20%,
+shards keep both cores busy; docs/benchmark.md): on CIFAR-10 (JPEG copy) seeds 0-3 gave 88.20%,
 88.24%, 87.88% and 87.88% (mean 88.05%) in 27 min 23 s to 30 min 44 s wall as the host's speed
 wandered, with `launch.py`'s huge-page malloc, and seed 4 88.00% (README, Results).
 """
@@ -39,7 +39,7 @@ def get_config():
   config.model.whiten = True
   config.log_every_steps = 50
   # XLA's own convolutions: at 4 devices the 24x24 step ran ~10% faster than the earlier 8
-  # devices with YNNPACK's, the full-size one the same (five interleaved benchmark pairs; README,
-  # Results).
+  # devices with YNNPACK's, the full-size one the same (five interleaved benchmark pairs;
+  # docs/results.md).
   config.xla_cpu_convolutions = 'xla'
   return config

@@ -9,7 +9,7 @@ weight moving average for evaluation, test-time flip averaging, gradient clippin
 attention blocks' gradient spikes, ResNet-9's logit scale 0.125, airbench's identity-initialised
 convs and 64x batch-norm offset learning rate, and the split held on the device. On GPUs add
 `--config.model.dtype=bfloat16`.
-Chosen from 12-epoch bf16 runs on an H100 (CIFAR-10 JPEG copy; README, Results): without the
+Chosen from 12-epoch bf16 runs on an H100 (CIFAR-10 JPEG copy; docs/results.md): without the
 logit scale, dirac and bias scaler, lr 0.2 and 0.4 diverged and 0.05 with weight decay 2e-3 gave
 87.32% (H200); with them lr 0.4 trains, and weight decay 2.5e-4 (lr x decay as at 0.05 x 2e-3)
 with label smoothing 0.1 gave 90.38% (90.13% rerun alone: 57 s wall from launch). The goal, 94%

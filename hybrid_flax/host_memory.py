@@ -3,7 +3,7 @@
 Why: XLA's CPU runtime mallocs every step's buffers and frees them when the step ends, and
 glibc hands large blocks back to the kernel on free, so each step faults its memory in again,
 one 4 KiB page at a time: the CPU-scale config's 26-27-minute runs on the 2-core CPU took
-207-222 million minor page faults and 472-512 s of system time (README, Benchmark). glibc
+207-222 million minor page faults and 472-512 s of system time (docs/benchmark.md). glibc
 2.35+ can ask for 2 MiB pages instead (the `glibc.malloc.hugetlb=1` tunable, with the kernel's
 transparent huge pages in `madvise` or `always` mode): ~9x fewer faults and a faster step.
 Tunables are read only when a process starts, so the entry points re-execute themselves once

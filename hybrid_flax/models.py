@@ -193,7 +193,7 @@ class SelfAttention(nn.Module):
   softmax's division is deferred until after the value matmul (exp(s - max) v / sum, one
   division per output element instead of per score). On the 2-core CPU the 16x16 attention
   block's forward + backward is ~1.5x faster at one head, and the 8-head forward ~8x faster
-  (README, Benchmark). The result differs from Flax's by rounding only (tested).
+  (docs/benchmark.md). The result differs from Flax's by rounding only (tested).
   """
 
   num_heads: int

@@ -5,7 +5,7 @@ slow where the input has few channels at a large map: on the 2-core CPU the pape
 64->128 conv ran at ~95 GFLOP/s forward, where XLA's own convolution (the plain HLO
 convolution, left to XLA's runtime) runs it at ~200, and its forward + backward at PyTorch's
 speed. Without YNNPACK's convolutions the paper-width training step is 5-11% faster on 4 CPU
-devices (README, Benchmark), and nothing else changes: YNNPACK keeps its other fusions (dots,
+devices (docs/benchmark.md), and nothing else changes: YNNPACK keeps its other fusions (dots,
 element-wise), and the math is the same up to round-off (another summation order).
 
 Narrow models lose a little instead (the CPU-scale config's 24x24 step is ~4% slower), so the

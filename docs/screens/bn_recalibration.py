@@ -9,7 +9,7 @@ variances of `--samples` training images, in batches of `--batch`, averaged. The
 taken as they are (`none`), mirrored at random (`flip`), or augmented as the run trained at
 full size (`train`: its crop padding and flips). Each variant is then evaluated on the test set
 with the run's own test-time views, so the `running statistics` row reproduces the run's final
-accuracy. A screen, not a tool: README (Results) records what it found.
+accuracy. A screen, not a tool: docs/results.md records what it found.
 """
 
 import argparse

@@ -7,7 +7,7 @@ mirror at each position of the 3x3 grid of 2-pixel shifts, reflect-padded as in 
 OUT/<run>.npz, then prints the test accuracy of several weightings of them per run. The
 weightings average logits as `train.eval_logits` does; "config's 6 views" is its
 `eval_translate=2`, so that row reproduces each run's own final accuracy. A screen, not a tool:
-README (Results) records what it found.
+docs/results.md records what it found.
 """
 
 import argparse

@@ -1,0 +1,40 @@
+"""The docs point at files that exist, and CI runs the test command README.md gives."""
+
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ['README.md', 'docs/results.md', 'docs/benchmark.md', 'docs/results_runs/README.md',
+        'docs/device_runs/README.md']
+# A repository path: one of the project's top-level folders, then a file or folder name.
+_PATH = re.compile(r'(?<![\w./-])((?:configs|hybrid_flax|tests|docs|\.ci)/[\w./-]*[\w/])')
+
+
+def _mentioned_paths(text):
+  return sorted(set(_PATH.findall(text)))
+
+
+def test_path_pattern_finds_paths_in_prose_and_code():
+  text = ('see `docs/results.md`, and ![plot](docs/results_accuracy.png); run '
+          '`python -m hybrid_flax.bench` (hybrid_flax/bench.py). Not /tmp/configs/x.py.')
+  assert _mentioned_paths(text) == ['docs/results.md', 'docs/results_accuracy.png',
+                                    'hybrid_flax/bench.py']
+
+
+@pytest.mark.parametrize('doc', DOCS)
+def test_every_path_a_doc_mentions_exists(doc):
+  paths = _mentioned_paths((ROOT / doc).read_text())
+  assert paths, f'{doc} mentions no repository paths: the pattern is broken'
+  missing = [p for p in paths if not (ROOT / p).exists()]
+  assert not missing, f'{doc} mentions paths that do not exist: {missing}'
+
+
+def test_ci_runs_the_test_command_that_readme_gives():
+  readme = (ROOT / 'README.md').read_text()
+  section = readme.split('\n## Tests\n', 1)[1]
+  command = re.search(r'```bash\n(.+?)\n```', section, re.S).group(1).strip()
+  ci = (ROOT / '.ci/run').read_text().splitlines()
+  assert command.startswith('python -m pytest')
+  assert command in [line.strip() for line in ci]
