@@ -8,8 +8,10 @@ speed. Without YNNPACK's convolutions the paper-width training step is 5-11% fas
 devices (docs/benchmark.md), and nothing else changes: YNNPACK keeps its other fusions (dots,
 element-wise), and the math is the same up to round-off (another summation order).
 
-Narrow models lose a little instead (the CPU-scale config's 24x24 step is ~4% slower), so the
-config chooses: `config.xla_cpu_convolutions`, 'xla' or 'default' (jaxlib's choice).
+Narrow models gain less, or lose a little, depending on the CPU and the device count (the
+CPU-scale config's step ran 1-8% slower with it at 8 devices on the AVX-512 EPYC, faster at 4,
+and faster at 4 or 8 on the AVX2-only one; docs/benchmark.md), so the config chooses:
+`config.xla_cpu_convolutions`, 'xla' or 'default' (jaxlib's choice).
 XLA reads XLA_FLAGS when JAX first starts a backend, so `apply()` must run before that. A value
 XLA does not know aborts the process, and JAX's version is not pinned, so the flag is added
 only where jaxlib's binary names it. `HYBRID_FLAX_XLA_CPU_FLAGS=0` opts out whatever the config
