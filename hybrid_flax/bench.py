@@ -1,7 +1,8 @@
 r"""Throughput of a config: the train step, the eval step and the input pipeline, on their own.
 
   python -m hybrid_flax.bench --config configs/cifar_hybrid.py [--config.batch_size=256] \
-      [--steps 20] [--warmup 3] [--pipeline_steps 50 --config.dataset=cifar10_folder ...] [--torch]
+      [--steps 20] [--warmup 3] [--pipeline_steps 50 --config.dataset=cifar10_folder ...] \
+      [--torch [--rounds 5]]
 
 The steps run the project's own jitted, sharded, donated `train_step` / `eval_step` on a fixed
 random batch, so only compute is timed; compilation is timed separately. FLOPs per image come
@@ -9,7 +10,9 @@ from XLA's cost analysis of the compiled step, which gives the achieved GFLOP/s.
 timed on the configured data set from a cold start (every example read and decoded from disk,
 the first epoch's cost) up to the device; it is skipped when the data set is not prepared.
 --torch also times the same network's training step in PyTorch (`torch_twin.py`, parameter
-count asserted equal) on the same batch size and prints the JAX / PyTorch ratio.
+count asserted equal) on the same batch size and prints the JAX / PyTorch ratio. A 2-core host's
+speed drifts by 10% and more within minutes, so `--rounds N` times the two training steps
+alternately N times and reports the median and range of the per-round ratios.
 """
 
 import functools
@@ -27,6 +30,7 @@ if __name__ == '__main__':
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -52,6 +56,17 @@ def _setup(config):
                                                   input_pipeline.IMAGE_SHAPE, replicated)
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
   return learning_rate_fn, state, replicated, data
+
+
+def flax_param_count(config) -> int:
+  """The model's parameter count, from shapes alone (nothing is initialised or compiled)."""
+  _, _, state = train.state_factory(config, _STEPS_PER_EPOCH, input_pipeline.IMAGE_SHAPE, None)
+  return sum(x.size for x in jax.tree.leaves(state.params))
+
+
+def copy_state(state):
+  """New buffers holding `state`'s values, with its shardings and pytree metadata."""
+  return jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state)
 
 
 def _random_batch(batch_size: int, sharding, seed: int = 0) -> dict[str, jax.Array]:
@@ -92,19 +107,25 @@ def _time_compiled(step, state, *args, carry_state: bool, steps: int, warmup: in
   return time.perf_counter() - start
 
 
-def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[str, float]]:
+def measure_steps(config, steps: int = 20, warmup: int = 3, rounds: int = 1,
+                  between_rounds=None) -> dict[str, dict[str, float]]:
   """{'train': {...}, 'eval': {...}} (and 'early' for a config with early crops): images/s,
-  compile seconds, FLOPs/image, GFLOP/s."""
+  compile seconds, FLOPs/image, GFLOP/s.
+
+  The train step is timed `rounds` times, `between_rounds()` called after each (the PyTorch
+  timing, so that the two alternate and a drift in the host's speed falls on both); its row
+  holds the median round and `'train_rounds'` each round's images/s.
+  """
+  if rounds < 1:
+    raise ValueError(f'--rounds must be at least 1, got {rounds}')
   learning_rate_fn, state, replicated, data = _setup(config)
-  param_count = sum(x.size for x in jax.tree.leaves(state.params))
+  param_count = flax_param_count(config)
   results = {}
   runs = [('eval', config.eval_batch_size), ('train', config.batch_size)]
   if config.augment.early_crop_size and config.augment.early_crop_epochs:
     runs.append(('early', config.batch_size))  # the step on the smaller early crops
-  # Eval first: the train steps donate (consume) the state.
+  # The train steps donate their state, so each round steps a copy (copy_state) of this one.
   for name, batch_size in runs:
-    if name == 'early':
-      learning_rate_fn, state, replicated, data = _setup(config)  # 'train' consumed the state
     args, arg_shardings = (_random_batch(batch_size, data),), (data,)
     if name != 'eval':
       step = train.make_train_step(config, learning_rate_fn, _STEPS_PER_EPOCH,
@@ -127,12 +148,21 @@ def measure_steps(config, steps: int = 20, warmup: int = 3) -> dict[str, dict[st
     start = time.perf_counter()
     compiled = fn.lower(state, *args).compile()
     compile_seconds = time.perf_counter() - start
-    seconds = _time_compiled(compiled, state, *args, carry_state=name != 'eval', steps=steps,
-                             warmup=warmup)
+    times = []
+    for _ in range(rounds if name == 'train' else 1):
+      # A train step donates its input, so each round steps a copy and `state` stays intact.
+      start_state = state if name == 'eval' else copy_state(state)
+      times.append(_time_compiled(compiled, start_state, *args, carry_state=name != 'eval',
+                                  steps=steps, warmup=warmup))
+      if name == 'train' and between_rounds is not None:
+        between_rounds()
+    seconds = float(np.median(times))
     results[name] = {'batch_size': batch_size, 'images_per_sec': batch_size * steps / seconds,
                      'steps_per_sec': steps / seconds, 'compile_seconds': compile_seconds,
                      'flops_per_image': flops / batch_size,
                      'gflops_per_sec': flops * steps / seconds / 1e9}
+    if name == 'train':
+      results['train_rounds'] = [batch_size * steps / t for t in times]
   results['train']['param_count'] = param_count
   return results
 
@@ -200,8 +230,9 @@ def measure_torch(config, jax_param_count: int, steps: int, warmup: int) -> dict
   return result
 
 
-def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None = None,
+def report(config, steps: dict, pipeline: dict | str, torch_rounds: list[dict] | None = None,
            peak_gflops: float = 0.0) -> str:
+  """The table; with the PyTorch rounds, their median and, for several, each round's pair."""
   lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
            f'embed={config.model.embed}; {host_cpu.describe()}; {host_memory.status()}; '
@@ -229,14 +260,22 @@ def report(config, steps: dict, pipeline: dict | str, torch_result: dict | None 
     lines.append(f'{"pipeline":10}{config.batch_size:>7}{pipeline["images_per_sec"]:>10.1f}'
                  f'{pipeline["steps_per_sec"]:>9.3f}   ({what}; {ratio:.1f}x the train '
                  'step rate)')
-  if torch_result:
-    t, j = torch_result, steps['train']
-    lines.append(f'{"pytorch":10}{t["batch_size"]:>7}{t["images_per_sec"]:>10.1f}'
-                 f'{t["steps_per_sec"]:>9.3f}   (torch {t["version"]} on '
+  if torch_rounds:
+    t, j = torch_rounds[0], steps['train']
+    torch_rates = [r['images_per_sec'] for r in torch_rounds]
+    rate = float(np.median(torch_rates))
+    lines.append(f'{"pytorch":10}{t["batch_size"]:>7}{rate:>10.1f}'
+                 f'{rate / t["batch_size"]:>9.3f}   (torch {t["version"]} on '
                  f'{t["device"]}, {t["dtype"]}, {t["threads"]} threads, '
                  f'{t["param_count"]:,} parameters as in JAX)')
-    lines.append(f'JAX / PyTorch training throughput: '
-                 f'{j["images_per_sec"] / t["images_per_sec"]:.2f}x')
+    if len(torch_rounds) == 1:
+      lines.append(f'JAX / PyTorch training throughput: {j["images_per_sec"] / rate:.2f}x')
+    else:
+      ratios = [a / b for a, b in zip(steps['train_rounds'], torch_rates)]
+      for i, (a, b, r) in enumerate(zip(steps['train_rounds'], torch_rates, ratios)):
+        lines.append(f'round {i + 1}: JAX {a:.1f} img/s, PyTorch {b:.1f} img/s, {r:.2f}x')
+      lines.append(f'JAX / PyTorch training throughput: {np.median(ratios):.2f}x, the median of '
+                   f'{len(ratios)} interleaved rounds ({min(ratios):.2f}x to {max(ratios):.2f}x)')
   return '\n'.join(lines)
 
 
@@ -246,9 +285,13 @@ def main(argv):
   config = _CONFIG.value
   try:
     xla_cpu_flags.apply(config.xla_cpu_convolutions)  # before anything starts a JAX backend
+    torch_rounds, between_rounds = [], None
     if _TORCH.value:
       check_torch_twin_matches(config)  # first: the JAX timing before it takes minutes
-    steps = measure_steps(config, _STEPS.value, _WARMUP.value)
+      param_count = flax_param_count(config)
+      between_rounds = lambda: torch_rounds.append(
+          measure_torch(config, param_count, _STEPS.value, _WARMUP.value))
+    steps = measure_steps(config, _STEPS.value, _WARMUP.value, _ROUNDS.value, between_rounds)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
   try:
@@ -256,9 +299,7 @@ def main(argv):
         '--pipeline_steps=0')
   except input_pipeline.DatasetUnavailableError as e:
     pipeline = str(e).splitlines()[0]
-  torch_result = (measure_torch(config, steps['train']['param_count'], _STEPS.value,
-                                _WARMUP.value) if _TORCH.value else None)
-  print(report(config, steps, pipeline, torch_result, _PEAK_GFLOPS.value))
+  print(report(config, steps, pipeline, torch_rounds, _PEAK_GFLOPS.value))
 
 
 if __name__ == '__main__':
@@ -272,6 +313,8 @@ if __name__ == '__main__':
                                          'Batches to time the input pipeline over (0: skip).')
   _TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model in PyTorch (the bench '
                              'extra) and print the JAX / PyTorch ratio.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 1, 'Times the train step is timed, alternating '
+                                 'with PyTorch\'s under --torch; the median round is reported.')
   _PEAK_GFLOPS = flags.DEFINE_float('peak_gflops', 0.0, 'The hardware\'s peak GFLOP/s for the '
                                     'step\'s dtype: also print the achieved share of it (MFU).')
   input_pipeline.hide_gpus_from_tensorflow()

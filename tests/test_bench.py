@@ -87,3 +87,39 @@ def test_the_early_crops_step_is_timed_on_its_own_row():
   ratio = results['early']['flops_per_image'] / results['train']['flops_per_image']
   assert 0.15 < ratio < 0.5, ratio
   assert 'early 16px' in bench.report(config, results, 'not imported')
+
+
+def _torch_round(config, images_per_sec):
+  """A PyTorch timing as `bench.measure_torch` returns it."""
+  return {'batch_size': config.batch_size, 'images_per_sec': images_per_sec, 'version': 'x',
+          'device': 'cpu', 'dtype': 'float32', 'threads': 2, 'param_count': 1}
+
+
+def test_rounds_alternate_with_the_callback_and_report_the_median():
+  config = cifar_tiny.get_config()
+  calls = []
+  results = bench.measure_steps(config, steps=1, warmup=0, rounds=3,
+                                between_rounds=lambda: calls.append(len(calls)))
+  assert calls == [0, 1, 2]
+  rates = results['train_rounds']
+  assert len(rates) == 3 and all(r > 0 for r in rates)
+  assert results['train']['images_per_sec'] == pytest.approx(sorted(rates)[1])
+  # The ratio is taken round by round, then its median.
+  torch_rounds = [_torch_round(config, r / k) for r, k in zip(rates, (1.0, 2.0, 4.0))]
+  text = bench.report(config, results, 'not imported', torch_rounds)
+  assert [line.split(':')[0] for line in text.splitlines()[-4:-1]] == ['round 1', 'round 2',
+                                                                         'round 3']
+  assert text.splitlines()[-3].endswith(', 2.00x')
+  assert text.splitlines()[-1] == ('JAX / PyTorch training throughput: 2.00x, the median of 3 '
+                                   'interleaved rounds (1.00x to 4.00x)')
+  with pytest.raises(ValueError, match='--rounds must be at least 1'):
+    bench.measure_steps(config, rounds=0)
+
+
+def test_one_round_reports_one_ratio():
+  config = cifar_tiny.get_config()
+  results = bench.measure_steps(config, steps=1, warmup=0)
+  rate = results['train']['images_per_sec']
+  text = bench.report(config, results, 'not imported', [_torch_round(config, rate / 2)])
+  assert text.splitlines()[-1] == 'JAX / PyTorch training throughput: 2.00x'
+  assert 'round 1' not in text
