@@ -58,15 +58,19 @@ def _setup(config):
   return learning_rate_fn, state, replicated, data
 
 
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
 def flax_param_count(config) -> int:
   """The model's parameter count, from shapes alone (nothing is initialised or compiled)."""
   _, _, state = train.state_factory(config, _STEPS_PER_EPOCH, input_pipeline.IMAGE_SHAPE, None)
-  return sum(x.size for x in jax.tree.leaves(state.params))
+  return param_count(state.params)
 
 
-def copy_state(state):
-  """New buffers holding `state`'s values, with its shardings and pytree metadata."""
-  return jax.jit(lambda s: jax.tree.map(jnp.copy, s))(state)
+# New buffers holding a state's values, with its shardings and pytree metadata; jitted once
+# here so that each round reuses the compiled copy.
+copy_state = jax.jit(functools.partial(jax.tree.map, jnp.copy))
 
 
 def _random_batch(batch_size: int, sharding, seed: int = 0) -> dict[str, jax.Array]:
@@ -119,7 +123,6 @@ def measure_steps(config, steps: int = 20, warmup: int = 3, rounds: int = 1,
   if rounds < 1:
     raise ValueError(f'--rounds must be at least 1, got {rounds}')
   learning_rate_fn, state, replicated, data = _setup(config)
-  param_count = flax_param_count(config)
   results = {}
   runs = [('eval', config.eval_batch_size), ('train', config.batch_size)]
   if config.augment.early_crop_size and config.augment.early_crop_epochs:
@@ -163,7 +166,7 @@ def measure_steps(config, steps: int = 20, warmup: int = 3, rounds: int = 1,
                      'gflops_per_sec': flops * steps / seconds / 1e9}
     if name == 'train':
       results['train_rounds'] = [batch_size * steps / t for t in times]
-  results['train']['param_count'] = param_count
+  results['train']['param_count'] = param_count(state.params)
   return results
 
 
@@ -288,9 +291,9 @@ def main(argv):
     torch_rounds, between_rounds = [], None
     if _TORCH.value:
       check_torch_twin_matches(config)  # first: the JAX timing before it takes minutes
-      param_count = flax_param_count(config)
+      jax_param_count = flax_param_count(config)
       between_rounds = lambda: torch_rounds.append(
-          measure_torch(config, param_count, _STEPS.value, _WARMUP.value))
+          measure_torch(config, jax_param_count, _STEPS.value, _WARMUP.value))
     steps = measure_steps(config, _STEPS.value, _WARMUP.value, _ROUNDS.value, between_rounds)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
