@@ -44,10 +44,10 @@ def main(argv):
   rates = {name: [] for name in _RUNS}
   for r in range(_ROUNDS.value):
     for suffix, config in (('full', full), ('no attention', trunk)):
-      rates[f'jax {suffix}'].append(
-          bench.measure_steps(config, steps, warmup)['train']['images_per_sec'])
+      jax_train = bench.measure_steps(config, steps, warmup)['train']
+      rates[f'jax {suffix}'].append(jax_train['images_per_sec'])
       rates[f'torch {suffix}'].append(bench.measure_torch(
-          config, bench.flax_param_count(config), steps, warmup)['images_per_sec'])
+          config, jax_train['param_count'], steps, warmup)['images_per_sec'])
     print(f'round {r + 1}: ' + ', '.join(f'{k} {v[-1]:.1f}' for k, v in rates.items()),
           flush=True)
   for name, v in rates.items():
