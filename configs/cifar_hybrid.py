@@ -63,6 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule = 'constant'
   config.warmup_epochs = 0.0
   config.momentum = 0.9
+  # 'sgd' (the paper's), or 'muon' (a strong-recipe switch): the conv kernels then follow
+  # optax.contrib's Muon (orthogonalised Nesterov momentum, airbench94_muon's settings below)
+  # at their own peak learning rate on the same schedule, and everything else stays on SGD.
+  config.optimizer = 'sgd'
+  config.muon_learning_rate = 0.24
+  config.muon_momentum = 0.6
+  config.muon_ns_steps = 3
+  config.muon_normalize = True  # keep each conv kernel at norm sqrt(out channels)
   config.nesterov = False
   config.weight_decay = 1e-4
   config.weight_decay_norm_and_bias = True  # False: decay conv/dense kernels only

@@ -211,6 +211,8 @@ def check_torch_twin_matches(config) -> None:
   if config.model.bn_group_size:
     raise ValueError('the PyTorch twin normalises over the whole batch; --torch needs '
                      '--config.model.bn_group_size=0')
+  if config.optimizer != 'sgd':
+    raise ValueError('the PyTorch twin trains with SGD; --torch needs --config.optimizer=sgd')
 
 
 def measure_torch(config, jax_param_count: int, steps: int, warmup: int) -> dict[str, float]:

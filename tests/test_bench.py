@@ -77,6 +77,9 @@ def test_the_pytorch_comparison_refuses_a_config_its_twin_does_not_train():
   config.model.bn_group_size = 4
   with pytest.raises(ValueError, match='bn_group_size=0'):
     bench.check_torch_twin_matches(config)
+  config.model.bn_group_size, config.optimizer = 0, 'muon'
+  with pytest.raises(ValueError, match='optimizer=sgd'):
+    bench.check_torch_twin_matches(config)
 
 
 def test_the_early_crops_step_is_timed_on_its_own_row():

@@ -369,6 +369,71 @@ def test_whitened_layer_is_frozen_and_batch_norm_offsets_move_faster():
       k.key for k in p) == train.WHITENED_KERNEL)]).sum()) > 0  # trained when not whitened
 
 
+def _muon_updates(**fields):
+  """One update of the tiny model's parameters from random gradients, and its inputs."""
+  config = cifar_tiny.get_config()
+  config.grad_clip_norm, config.model.whiten = 0.0, True
+  for name, value in fields.items():
+    config[name] = value
+  params = models.create_model(config.model).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  # Each output channel's gradient on its own scale, so the raw steps are far from orthogonal.
+  grads = treedef.unflatten([jax.random.normal(k, p.shape) * jnp.geomspace(0.1, 10, p.shape[-1])
+                             for k, p in zip(keys, leaves)])
+  lr_fn = train.create_learning_rate_fn(config, 10)
+  tx = train.create_optimizer(config, lr_fn)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  flat = lambda tree: {tuple(k.key for k in path): x
+                       for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return flat(params), flat(grads), flat(updates), float(lr_fn(1))
+
+
+def test_muon_orthogonalises_conv_kernel_steps_and_leaves_the_rest_to_sgd():
+  params, grads, sgd, _ = _muon_updates()
+  _, _, muon, lr = _muon_updates(optimizer='muon', muon_ns_steps=5, muon_normalize=False,
+                                 muon_learning_rate=0.1)
+  ratio = 0.1 / cifar_tiny.get_config().learning_rate
+  convs = [n for n, p in params.items() if p.ndim == 4 and n != train.WHITENED_KERNEL]
+  assert len(convs) == 7
+  for name in convs:
+    out = params[name].shape[-1]
+    step = np.linalg.svd(np.asarray(-muon[name] / (ratio * lr)).reshape(-1, out),
+                         compute_uv=False)
+    raw = np.linalg.svd(np.asarray(grads[name]).reshape(-1, out), compute_uv=False)
+    # The gradient's singular values spread over orders of magnitude; the step's are pulled
+    # towards 1 (the quintic Newton-Schulz lands in roughly [0.7, 1.2], not exactly on 1).
+    assert raw.max() / raw.min() > 10, name
+    assert 0.5 < step.min() and step.max() < 1.5, (name, step.min(), step.max())
+  # The frozen conv1 and everything that is not a conv kernel: the SGD path's very update.
+  for name in params:
+    if name not in convs:
+      np.testing.assert_allclose(muon[name], sgd[name], rtol=1e-6, err_msg=str(name))
+  assert not np.any(muon[train.WHITENED_KERNEL])
+
+
+def test_muon_keeps_conv_kernels_at_norm_sqrt_out():
+  params, _, updates, _ = _muon_updates(optimizer='muon')
+  for name, p in params.items():
+    if p.ndim == 4 and name != train.WHITENED_KERNEL:
+      assert float(jnp.linalg.norm(p + updates[name])) == pytest.approx(
+          np.sqrt(p.shape[-1]), rel=1e-5), name
+
+
+def test_muon_trains_the_tiny_model():
+  config = cifar_tiny.get_config()
+  config.optimizer = 'muon'
+  state, lr_fn = test_train._setup(config)  # pylint: disable=protected-access
+  batch = test_train._batch()  # pylint: disable=protected-access
+  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
 def test_translate_tta_averages_shifted_views_with_the_centred_one():
   state, _ = test_train._setup()
   images = _images(4)

@@ -199,6 +199,7 @@ def _set(config, field, value):
     ('lookahead_decay', 1.0, 'lookahead_decay must be in'),
     ('augment.early_crop_size', 20, 'early_crop_size must be 0 or a multiple of 8'),
     ('augment.early_crop_epochs', 3, 'early_crop_epochs must be in'),
+    ('optimizer', 'adam', 'optimizer must be one of'),
 ])
 def test_bad_configs_fail_before_compiling(field, value, match):
   config = cifar_tiny.get_config()
@@ -217,6 +218,9 @@ def test_batch_must_split_into_ghost_batch_norm_groups():
 @pytest.mark.parametrize('fields, match', [
     ({'ema_decay': 0.99, 'lookahead_every': 5}, 'set one of them to 0'),
     ({'augment.flip': False, 'augment.alternate_flip': True}, 'needs augment.flip=True'),
+    ({'optimizer': 'muon', 'muon_learning_rate': 0.0}, 'muon_learning_rate must be positive'),
+    ({'optimizer': 'muon', 'muon_momentum': 1.0}, 'muon_momentum must be in'),
+    ({'optimizer': 'muon', 'muon_ns_steps': 0}, 'muon_ns_steps must be positive'),
 ])
 def test_switches_that_contradict_each_other_are_refused(fields, match):
   config = cifar_tiny.get_config()
@@ -233,8 +237,8 @@ def test_config_typos_fail_loudly():
     config.learnig_rate = 0.1  # pylint: disable=attribute-defined-outside-init
 
 
-def _trained_state(steps=2):
-  state, lr_fn = _setup()
+def _trained_state(steps=2, config=None):
+  state, lr_fn = _setup(config)
   step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
   for _ in range(steps):
     state, _ = step(state, _batch())
@@ -246,8 +250,11 @@ def _abstract(state):
                       state)
 
 
-def test_checkpoint_round_trip(tmp_path):
-  state = _trained_state()
+@pytest.mark.parametrize('optimizer', ['sgd', 'muon'])
+def test_checkpoint_round_trip(tmp_path, optimizer):
+  config = cifar_tiny.get_config()
+  config.optimizer = optimizer  # Muon's state is a partition of two optimizers' states
+  state = _trained_state(config=config)
   manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2)
   assert checkpointing.save(manager, state, {'step': 2, 'note': 'x'})
   assert not checkpointing.save(manager, state, {'step': 2})  # same step: no second write
