@@ -421,19 +421,6 @@ def test_muon_keeps_conv_kernels_at_norm_sqrt_out():
           np.sqrt(p.shape[-1]), rel=1e-5), name
 
 
-def test_muon_trains_the_tiny_model():
-  config = cifar_tiny.get_config()
-  config.optimizer = 'muon'
-  state, lr_fn = test_train._setup(config)  # pylint: disable=protected-access
-  batch = test_train._batch()  # pylint: disable=protected-access
-  step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
-  losses = []
-  for _ in range(15):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics['loss']))
-  assert losses[-1] < 0.5 * losses[0], losses
-
-
 def test_translate_tta_averages_shifted_views_with_the_centred_one():
   state, _ = test_train._setup()
   images = _images(4)

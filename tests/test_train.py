@@ -50,8 +50,11 @@ def _sharded_step_fn(lr_fn, devices):
   return fn, data, rep
 
 
-def test_train_step_lowers_the_loss_on_a_fixed_batch():
-  state, lr_fn = _setup()
+@pytest.mark.parametrize('optimizer', ['sgd', 'muon'])
+def test_train_step_lowers_the_loss_on_a_fixed_batch(optimizer):
+  config = cifar_tiny.get_config()
+  config.optimizer = optimizer
+  state, lr_fn = _setup(config)
   batch = _batch()
   step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
   losses = []
