@@ -18,8 +18,8 @@ wandered, with `launch.py`'s huge-page malloc, and seed 4 88.00% (README, Result
 Those runs used SGD throughout; `--config.optimizer=sgd` repeats them. Since then the conv
 kernels move with Muon (airbench94_muon's optimizer) at peak learning rate 0.08: airbench's own
 0.24 is set for batch 2000 and ~200 steps, and in 3-epoch screens here 0.08 beat it and 0.03.
-On an Intel Xeon host (x86 family 6 model 167) seeds 0, 1 and 2 gave 88.73%, 88.75% and
-88.92% in 22 min 47 s to 23 min 40 s wall; SGD's seed 0 gave 87.92% in 21 min 35 s on the same host
+On an Intel Xeon host (x86 family 6 model 167) seeds 0-3 gave 88.73%, 88.75%, 88.92% and
+88.65% in 22 min 30 s to 23 min 40 s wall; SGD's seed 0 gave 87.92% in 21 min 35 s on the same host
 (docs/results.md).
 """
 
