@@ -35,7 +35,11 @@ EVAL_BATCH = 12
 # core: the default one (models.SelfAttention, the same function to rounding, tested in
 # test_models.py) starts this trajectory from different rounding, which meets a max-pool near-tie
 # in step 2 and ends 1.5e-3 apart, too close to the wrong-batch signal to tell the two apart.
-RTOL, ATOL = 1e-4, 1e-5
+# On an Intel Xeon host (family 6 model 167) the Flax-core runs meet such a near-tie too and end
+# 1.49e-3 apart (measured), so the tolerances are 3e-3: twice that, and still under a wrong
+# batch's 1e-2 after its first step (more after four). Comparing after fewer steps would keep
+# a wider margin on every host.
+RTOL, ATOL = 3e-3, 3e-3
 
 
 def _free_port() -> int:
@@ -172,7 +176,9 @@ def test_two_processes_end_with_the_parameters_of_one(runs):
   for a, b in zip(one_epochs, two_epochs):
     assert a['test_examples'] == b['test_examples'] == NUM_TEST  # each test example once
     assert a['test_accuracy'] == b['test_accuracy']
-    assert b['test_loss'] == pytest.approx(a['test_loss'], rel=1e-4)
+    # The tiny model's test loss after 4 steps is ~36 (extreme logits), so the Xeon host's
+    # 1.5e-3 parameter drift moves it 0.9% (36.63 against 36.31); accuracy still matches exactly.
+    assert b['test_loss'] == pytest.approx(a['test_loss'], rel=2e-2)
 
 
 def test_each_process_logs_its_place_and_reads_only_its_rows(runs):
