@@ -58,14 +58,18 @@ def _setup(config):
   return learning_rate_fn, state, replicated, data
 
 
+def _unsharded_state(config):
+  """The state's shapes with an optimizer bound to no mesh, for `_flops`' unsharded count."""
+  return train.state_factory(config, _STEPS_PER_EPOCH, input_pipeline.IMAGE_SHAPE, None)[2]
+
+
 def param_count(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
 def flax_param_count(config) -> int:
   """The model's parameter count, from shapes alone (nothing is initialised or compiled)."""
-  _, _, state = train.state_factory(config, _STEPS_PER_EPOCH, input_pipeline.IMAGE_SHAPE, None)
-  return param_count(state.params)
+  return param_count(_unsharded_state(config).params)
 
 
 # New buffers holding a state's values, with its shardings and pytree metadata; jitted once
@@ -123,6 +127,7 @@ def measure_steps(config, steps: int = 20, warmup: int = 3, rounds: int = 1,
   if rounds < 1:
     raise ValueError(f'--rounds must be at least 1, got {rounds}')
   learning_rate_fn, state, replicated, data = _setup(config)
+  unsharded = _unsharded_state(config)
   results = {}
   runs = [('eval', config.eval_batch_size), ('train', config.batch_size)]
   if config.augment.early_crop_size and config.augment.early_crop_epochs:
@@ -147,7 +152,7 @@ def measure_steps(config, steps: int = 20, warmup: int = 3, rounds: int = 1,
     else:
       step = functools.partial(train.eval_step, **train.test_time_augmentation(config))
       fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=replicated)
-    flops = _flops(step, state, *args)  # before the train steps donate the state
+    flops = _flops(step, unsharded, *args)
     start = time.perf_counter()
     compiled = fn.lower(state, *args).compile()
     compile_seconds = time.perf_counter() - start

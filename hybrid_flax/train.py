@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from optax.contrib import _muon as optax_muon
 from absl import logging
 from flax import traverse_util
 from flax.training import train_state
@@ -200,7 +201,8 @@ def _param_mask(predicate):
       lambda path, p: predicate(_path_names(path), p), params)
 
 
-def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
+def create_optimizer(config, learning_rate_fn, mesh: Mesh | None = None
+                     ) -> optax.GradientTransformation:
   # Read now: the masks are called at init and update time, when the config may have changed.
   whiten, decay_all = bool(config.model.whiten), bool(config.weight_decay_norm_and_bias)
   frozen = lambda names: whiten and names == WHITENED_KERNEL
@@ -233,14 +235,14 @@ def create_optimizer(config, learning_rate_fn) -> optax.GradientTransformation:
   labels = lambda params: jax.tree.map(lambda m: 'muon' if m else 'sgd',
                                        _param_mask(muon_kernel)(params))
   return optax.chain(*freeze, *clip, optax.partition(
-      {'sgd': optax.chain(*sgd), 'muon': muon(config, learning_rate_fn)}, labels))
+      {'sgd': optax.chain(*sgd), 'muon': muon(config, learning_rate_fn, mesh)}, labels))
 
 
 # A [kh, kw, in, out] conv kernel is a matrix from its kh * kw * in inputs to its out channels.
 _CONV_AS_MATRIX = optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=(3,))
 
 
-def muon(config, learning_rate_fn) -> optax.GradientTransformation:
+def muon(config, learning_rate_fn, mesh: Mesh | None = None) -> optax.GradientTransformation:
   """airbench94_muon's optimizer for conv kernels: Muon on the same schedule, then renormalised.
 
   optax.contrib's Muon orthogonalises each kernel's Nesterov momentum ([kh * kw * in, out])
@@ -253,14 +255,68 @@ def muon(config, learning_rate_fn) -> optax.GradientTransformation:
   """
   ratio = config.muon_learning_rate / config.learning_rate
   chain = [
-      optax.contrib.scale_by_muon(ns_steps=config.muon_ns_steps, beta=config.muon_momentum,
-                                  weight_dimension_numbers=lambda u: jax.tree.map(
-                                      lambda _: _CONV_AS_MATRIX, u)),
+      _scale_by_muon(config, mesh),
       optax.scale_by_learning_rate(lambda step: ratio * learning_rate_fn(step)),
   ]
   if config.muon_normalize:
     chain.append(_renormalize_kernels())
   return optax.chain(*chain)
+
+
+def _scale_by_muon(config, mesh: Mesh | None) -> optax.GradientTransformation:
+  """optax.contrib's scale_by_muon, its Newton-Schulz work shared out over `mesh`'s devices.
+
+  The parameters are replicated, so left to itself every device would orthogonalise every
+  kernel, repeating the same products (at 4 CPU devices the update cost 4x one device's).
+  Here each device orthogonalises only the kernels given to it, balanced by their products'
+  FLOPs, and a sum over devices (the others contribute zeros) replicates the result. The state
+  is scale_by_muon's own, so checkpoints restore either way.
+  """
+  options = dict(beta=config.muon_momentum,
+                 weight_dimension_numbers=lambda u: jax.tree.map(lambda _: _CONV_AS_MATRIX, u))
+  whole = optax.contrib.scale_by_muon(ns_steps=config.muon_ns_steps, **options)
+  if mesh is None or mesh.size == 1:
+    return whole
+  # With no iterations scale_by_muon updates the momentum and returns its Nesterov step
+  # normalised to unit Frobenius norm, where the iterations start (they normalise it again,
+  # which changes it by float32 rounding at most).
+  momentum = optax.contrib.scale_by_muon(ns_steps=0, **options)
+  axis = mesh.axis_names[0]  # the data axis; the kernels are shared out along it
+
+  def update(updates, state, params=None):
+    del params
+    updates, state = momentum.update(updates, state)
+    leaves, treedef = jax.tree.flatten(updates)
+    owners = _share_out([_newton_schulz_flops(x.shape) for x in leaves], mesh.shape[axis])
+
+    def orthogonalise_own(ns_coeffs, *leaves):
+      me = jax.lax.axis_index(axis)
+      # scale_by_muon's own iterations (not exported; tests compare the two paths' updates).
+      orthogonalise = functools.partial(
+          optax_muon.orthogonalize_via_newton_schulz, ns_coeffs=ns_coeffs,
+          ns_steps=config.muon_ns_steps, dimension_numbers=_CONV_AS_MATRIX)
+      return jax.lax.psum([jax.lax.cond(me == owner, orthogonalise, jnp.zeros_like, x)
+                           for x, owner in zip(leaves, owners)], axis)
+
+    leaves = jax.shard_map(orthogonalise_own, mesh=mesh, in_specs=P(), out_specs=P())(
+        state.ns_coeffs, *leaves)
+    return treedef.unflatten(leaves), state
+  return optax.GradientTransformation(whole.init, update)
+
+
+def _newton_schulz_flops(shape) -> int:
+  """A Newton-Schulz iteration's multiply-adds on a [kh, kw, in, out] kernel, up to a factor."""
+  m, n = sorted((int(np.prod(shape[:-1])), shape[-1]))
+  return 2 * m * m * n + m ** 3  # X X^T and B X, then A A
+
+
+def _share_out(costs: list[int], devices: int) -> list[int]:
+  """Each job's device: the costliest first, each to the least loaded device so far."""
+  load, owners = [0] * devices, [0] * len(costs)
+  for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+    owners[i] = load.index(min(load))
+    load[owners[i]] += costs[i]
+  return owners
 
 
 def _renormalize_kernels() -> optax.GradientTransformation:
@@ -301,7 +357,8 @@ def state_factory(config, steps_per_epoch: int, image_shape, sharding):
   """Returns (learning_rate_fn, init(rng) -> TrainState, the abstract state to restore into)."""
   model = models.create_model(config.model)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  tx = create_optimizer(config, learning_rate_fn)
+  tx = create_optimizer(config, learning_rate_fn,
+                        sharding.mesh if isinstance(sharding, NamedSharding) else None)
   init = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape,
                            ema=config.ema_decay > 0 or config.lookahead_every > 0)
   abstract_state = jax.tree.map(

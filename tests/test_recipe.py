@@ -421,6 +421,37 @@ def test_muon_keeps_conv_kernels_at_norm_sqrt_out():
           np.sqrt(p.shape[-1]), rel=1e-5), name
 
 
+def test_muon_shared_out_over_devices_gives_the_same_updates_and_state():
+  config = cifar_tiny.get_config()
+  config.optimizer, config.model.whiten = 'muon', True
+  params = models.create_model(config.model).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
+  lr_fn = train.create_learning_rate_fn(config, 10)
+  mesh = train.data_mesh()
+  assert mesh.size == 4  # conftest's fake devices: the kernels are shared out
+  results = []
+  for tx in (train.create_optimizer(config, lr_fn), train.create_optimizer(config, lr_fn, mesh)):
+    state, updates = tx.init(params), []
+    for seed in (1, 2):  # a second step, so the momentum carried in the state counts too
+      grads = jax.tree.map(lambda p, k=jax.random.PRNGKey(seed): jax.random.normal(k, p.shape),
+                           params)
+      update, state = jax.jit(tx.update)(grads, state, params)
+      updates.append(update)
+    results.append((updates, state))
+  (whole, whole_state), (shared, shared_state) = results
+  assert jax.tree.structure(whole_state) == jax.tree.structure(shared_state)  # same checkpoints
+  for a, b in zip(jax.tree.leaves((whole, whole_state)), jax.tree.leaves((shared, shared_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_newton_schulz_work_is_shared_out_costliest_first():
+  costs = [1, 9, 4, 4, 3, 2]
+  owners = train._share_out(costs, 3)  # pylint: disable=protected-access
+  loads = [sum(c for c, o in zip(costs, owners) if o == d) for d in range(3)]
+  assert sorted(loads) == [7, 7, 9]  # the 9 alone; 4+3 and 4+2+1 beside it
+  assert train._share_out(costs, 1) == [0] * len(costs)  # pylint: disable=protected-access
+
+
 def test_translate_tta_averages_shifted_views_with_the_centred_one():
   state, _ = test_train._setup()
   images = _images(4)
