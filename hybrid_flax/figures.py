@@ -104,15 +104,26 @@ def attention_grid(images: np.ndarray, maps: dict[str, np.ndarray], captions: Se
   return _save(fig, path)
 
 
+def run_styles(count: int) -> list[tuple[tuple[float, ...], str]]:
+  """(colour, marker) for each of `count` lines, no two alike (matplotlib's default cycle
+  repeats its colours after 10, and the results plot has more runs than that)."""
+  colours = plt.get_cmap('tab10' if count <= 10 else 'tab20').colors
+  markers = 'os^Dv'
+  if count > len(colours) * len(markers):
+    raise ValueError(f'{count} lines are more than {len(colours) * len(markers)} distinct styles')
+  return [(colours[i % len(colours)], markers[i // len(colours)]) for i in range(count)]
+
+
 def accuracy_per_epoch(runs: dict[str, Sequence[dict]], path: str, title: str = '',
                        references: dict[str, float] | None = None) -> str:
   """Test accuracy after each epoch, one line per run; dashed lines mark reference accuracies."""
   fig, ax = plt.subplots(figsize=(8, 5), layout='constrained')
-  for i, (label, records) in enumerate(runs.items()):
+  for (label, records), (colour, marker) in zip(runs.items(), run_styles(len(runs))):
     x, y = _series([r for r in records if r.get('kind') == 'epoch'], 'test_accuracy')
     if not x:
       raise ValueError(f'run {label!r} has no evaluated epoch yet: nothing to plot')
-    line, = ax.plot(x, [100 * v for v in y], 'o-', markersize=4, label=f'{label}: {y[-1]:.2%}')
+    line, = ax.plot(x, [100 * v for v in y], '-', marker=marker, color=colour, markersize=4,
+                    label=f'{label}: {y[-1]:.2%}')
     if references and label in references:
       ax.axhline(100 * references[label], color=line.get_color(), ls='--', alpha=0.6, lw=1,
                  label=f'{label}: reference {references[label]:.1%}')

@@ -14,6 +14,7 @@ from PIL import Image
 from configs import cifar_tiny
 from hybrid_flax import attention_maps
 from hybrid_flax import evaluate
+from hybrid_flax import figures
 from hybrid_flax import inference
 from hybrid_flax import input_pipeline
 from hybrid_flax import metric_writer
@@ -113,6 +114,14 @@ def test_compare_prints_a_table_and_plots_accuracy_per_epoch(workdir, recipe_wor
   with pytest.raises(SystemExit) as excinfo:
     compare.main(['--run', f'a={workdir}', '--reference', 'b=0.5'])
   assert "names no --run" in _error(excinfo)
+
+
+def test_accuracy_plot_styles_stay_distinct_past_matplotlibs_ten_colours():
+  styles = figures.run_styles(25)  # the results plot passed 10 runs
+  assert len(set(styles)) == 25
+  assert [marker for _, marker in figures.run_styles(10)] == ['o'] * 10  # plain up to 10
+  with pytest.raises(ValueError, match='more than 100 distinct styles'):
+    figures.run_styles(101)
 
 
 def test_evaluate_can_override_the_runs_test_time_augmentation(recipe_workdir):
