@@ -275,13 +275,13 @@ def _scale_by_muon(config, mesh: Mesh | None) -> optax.GradientTransformation:
   options = dict(beta=config.muon_momentum,
                  weight_dimension_numbers=lambda u: jax.tree.map(lambda _: _CONV_AS_MATRIX, u))
   whole = optax.contrib.scale_by_muon(ns_steps=config.muon_ns_steps, **options)
-  if mesh is None or mesh.size == 1:
+  if mesh is None or mesh.shape[mesh.axis_names[0]] == 1:
     return whole
+  axis = mesh.axis_names[0]  # the data axis; the kernels are shared out along it
   # With no iterations scale_by_muon updates the momentum and returns its Nesterov step
   # normalised to unit Frobenius norm, where the iterations start (they normalise it again,
   # which changes it by float32 rounding at most).
   momentum = optax.contrib.scale_by_muon(ns_steps=0, **options)
-  axis = mesh.axis_names[0]  # the data axis; the kernels are shared out along it
 
   def update(updates, state, params=None):
     del params

@@ -147,17 +147,21 @@ def _final_state(workdir, step=None):
                 for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory, tiny_data_dir):
+def _one_and_two(tmp_path_factory, data_dir, *extra):
   """One process on 4 devices and two processes on 2 devices each, run side by side."""
   one_dir, two_dir = tmp_path_factory.mktemp('one'), tmp_path_factory.mktemp('two')
-  one = _start(one_dir, tiny_data_dir, 1)
-  two = _start(two_dir, tiny_data_dir, 2)
+  one = _start(one_dir, data_dir, 1, *extra)
+  two = _start(two_dir, data_dir, 2, *extra)
   one.wait()
-  two = _settled(lambda: _start(two_dir, tiny_data_dir, 2), first=two)
+  two = _settled(lambda: _start(two_dir, data_dir, 2, *extra), first=two)
   assert one.returncodes == [0], one.stderr[0][-4000:]
   assert two.returncodes == [0, 0], '\n'.join(e[-3000:] for e in two.stderr)
   return (one_dir, one), (two_dir, two)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, tiny_data_dir):
+  return _one_and_two(tmp_path_factory, tiny_data_dir)
 
 
 def _compare_trained(one_dir, two_dir, step, tol):
@@ -187,6 +191,15 @@ def test_two_processes_end_with_the_parameters_of_one(runs):
     # The tiny model's test loss after 4 steps is ~36 (extreme logits), so the Xeon host's
     # 1.5e-3 parameter drift moves it 0.9% (36.63 against 36.31); accuracy still matches exactly.
     assert b['test_loss'] == pytest.approx(a['test_loss'], rel=2e-2)
+
+
+def test_two_processes_share_out_muons_kernels_as_one_process_does(tmp_path_factory,
+                                                                   tiny_data_dir):
+  # Each device orthogonalises its share of the conv kernels and a sum over the devices (gloo
+  # between the processes) gives everyone the whole update.
+  (one_dir, _), (two_dir, _) = _one_and_two(tmp_path_factory, tiny_data_dir,
+                                            '--config.optimizer=muon')
+  _compare_trained(one_dir, two_dir, 1, FIRST_TOL)
 
 
 def test_each_process_logs_its_place_and_reads_only_its_rows(runs):
