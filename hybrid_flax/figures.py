@@ -117,7 +117,7 @@ def run_styles(count: int) -> list[tuple[tuple[float, ...], str]]:
 def accuracy_per_epoch(runs: dict[str, Sequence[dict]], path: str, title: str = '',
                        references: dict[str, float] | None = None) -> str:
   """Test accuracy after each epoch, one line per run; dashed lines mark reference accuracies."""
-  fig, ax = plt.subplots(figsize=(8, 5), layout='constrained')
+  fig, ax = plt.subplots(figsize=(12, 5.5), layout='constrained')
   for (label, records), (colour, marker) in zip(runs.items(), run_styles(len(runs))):
     x, y = _series([r for r in records if r.get('kind') == 'epoch'], 'test_accuracy')
     if not x:
@@ -130,6 +130,7 @@ def accuracy_per_epoch(runs: dict[str, Sequence[dict]], path: str, title: str = 
   ax.set_xlabel('epoch')
   ax.set_ylabel('test accuracy (%)')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  # Beside the axes, not over them: with many runs the legend would hide the curves.
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))
   ax.set_title(title)
   return _save(fig, path)
