@@ -38,7 +38,7 @@ EVAL_BATCH = 12
 # in step 2 and ends 1.5e-3 apart. On an Intel Xeon host (family 6 model 167) the Flax-core runs
 # meet such a near-tie too and end 1.49e-3 apart (measured), so the last step is compared at
 # LAST_TOL, twice that: it still catches a wrong batch in the later steps (1e-2 after one
-# step, more after several), with the narrower margin the first step's check does not need.
+# step, more after several), with a narrower margin than the first step's check has.
 FIRST_TOL = 1e-5
 LAST_TOL = 3e-3
 

@@ -433,8 +433,11 @@ def test_muon_shared_out_over_devices_gives_the_same_updates_and_state():
   for tx in (train.create_optimizer(config, lr_fn), train.create_optimizer(config, lr_fn, mesh)):
     state, updates = tx.init(params), []
     for seed in (1, 2):  # a second step, so the momentum carried in the state counts too
-      grads = jax.tree.map(lambda p, k=jax.random.PRNGKey(seed): jax.random.normal(k, p.shape),
-                           params)
+      # A key per leaf: kernels of one shape get different gradients, so a mix-up between
+      # the devices' results would show.
+      leaves, treedef = jax.tree.flatten(params)
+      keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+      grads = treedef.unflatten([jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
       update, state = jax.jit(tx.update)(grads, state, params)
       updates.append(update)
     results.append((updates, state))
