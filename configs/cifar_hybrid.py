@@ -41,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The attention core: 'deferred' (models.SelfAttention, faster on CPUs) or Flax's own
   # nn.MultiHeadDotProductAttention ('flax'); the same parameters and function.
   config.model.attention_impl = 'deferred'
+  # CPUs only, 'deferred' core: the backward pass recomputes the attention scores in chunks of at
+  # most this many KiB, looping over each device's (example, head) pairs, so they stay in cache
+  # (models.SelfAttention); 0 keeps autodiff's backward, which stores all of them. The same
+  # gradients up to rounding.
+  config.model.attention_grad_chunk_kib = 1024
   config.model.logit_scale = 1.0
   config.model.num_classes = 10
   config.model.dropout = 0.0

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here), so the paper's learning
 # rate sees the same normalisation statistics.
@@ -184,6 +185,90 @@ class ConvBlock(nn.Module):
 ATTENTION_IMPLS = ('deferred', 'flax')
 
 
+def _attention_scores(q, k):
+  """exp(q k^T - max) over the last two axes, and its sum over keys."""
+  # The softmax in float32 at least: for a bfloat16 model Flax's runs in bfloat16, whose
+  # 8-bit mantissa rounds the exponentials' sum.
+  logits = jnp.einsum('...qd,...kd->...qk', q, k)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  # The max only guards exp against overflow; the result does not depend on it.
+  scores = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  return scores, scores.sum(-1, keepdims=True)
+
+
+def _attention_core(q, k, v):
+  """softmax(q k^T) v as exp(q k^T - max) v / sum: one division per output, not per score."""
+  scores, total = _attention_scores(q, k)
+  return jnp.einsum('...qk,...kd->...qd', scores.astype(v.dtype), v) / total.astype(v.dtype)
+
+
+def _pairs_per_chunk(pairs: int, length: int, kib: int) -> int:
+  """The most (example, head) pairs whose [length, length] float32 scores fit in `kib` KiB and
+  that divide `pairs` (at least 1)."""
+  chunk = max(1, min(pairs, kib * 1024 // (length * length * 4)))
+  while pairs % chunk:
+    chunk -= 1
+  return chunk
+
+
+def _attention_core_grads(q, k, v, y, dy):
+  """The gradients of `_attention_core` (output `y`) for `dy`, from recomputed scores.
+
+  Each transposed product (scores^T x) is written as (x^T scores)^T, so XLA's CPU dot reads the
+  [length, length] scores in their own layout; autodiff's versions ran as plain `dot`s at
+  ~10 GFLOP/s.
+  """
+  q, k, v, y, dy = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (q, k, v, y, dy))
+  scores, total = _attention_scores(q, k)
+  dy = dy / total  # the gradient of the undivided output
+  dscores = scores * (jnp.einsum('...qd,...kd->...qk', dy, v) - (dy * y).sum(-1, keepdims=True))
+  swap = functools.partial(jnp.swapaxes, axis1=-1, axis2=-2)
+  return (jnp.einsum('...qk,...kd->...qd', dscores, k),
+          jnp.einsum('...dq,...qk->...dk', swap(q), dscores),  # dk, transposed
+          jnp.einsum('...dq,...qk->...dk', swap(dy), scores))  # dv, transposed
+
+
+@functools.lru_cache(maxsize=None)
+def _chunked_attention_core(chunk_kib: int, mesh):
+  """`_attention_core` whose backward pass loops over chunks of (example, head) pairs.
+
+  Why: autodiff's backward keeps the whole [batch, heads, L, L] score tensor (134 MB a device
+  at paper width, L = 256, 64 examples) and passes over it about ten times, at memory speed.
+  Recomputing each chunk's scores inside a loop keeps them in the core's cache instead: the
+  16x16 block's core, forward and backward, 335 -> 107 ms for batch 128 on 2 CPU devices
+  (docs/benchmark.md). Each device loops over its own examples (`shard_map` over `mesh`, whose
+  axes split the batch): a loop over a sharded axis would run every chunk on every device.
+  The forward pass is `_attention_core`'s; only what it saves differs (q, k, v and the output
+  instead of the scores).
+  """
+  batch_axes = P(mesh.axis_names)
+
+  def local_grads(q, k, v, y, dy):
+    b, h, length, _ = q.shape
+    chunk = _pairs_per_chunk(b * h, length, chunk_kib)
+    split = lambda x: x.reshape(-1, chunk, *x.shape[2:])
+    dq, dk_t, dv_t = jax.lax.map(lambda xs: _attention_core_grads(*xs),
+                                 tuple(split(x) for x in (q, k, v, y, dy)))
+    return (dq.reshape(q.shape).astype(q.dtype),
+            jnp.swapaxes(dk_t, -1, -2).reshape(k.shape).astype(k.dtype),
+            jnp.swapaxes(dv_t, -1, -2).reshape(v.shape).astype(v.dtype))
+
+  @jax.custom_vjp
+  def core(q, k, v):
+    return _attention_core(q, k, v)
+
+  def forward(q, k, v):
+    y = _attention_core(q, k, v)
+    return y, (q, k, v, y)
+
+  def backward(saved, dy):
+    return jax.shard_map(local_grads, mesh=mesh, in_specs=batch_axes,
+                         out_specs=batch_axes)(*saved, dy)
+
+  core.defvjp(forward, backward)
+  return core
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with `nn.MultiHeadDotProductAttention`'s parameters and math.
 
@@ -198,6 +283,10 @@ class SelfAttention(nn.Module):
 
   num_heads: int
   dtype: Any = jnp.float32
+  # > 0 with a `mesh` (the devices the batch is split over), on CPUs: the backward pass
+  # recomputes the scores in chunks of at most this many KiB (`_chunked_attention_core`).
+  grad_chunk_kib: int = 0
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -206,17 +295,13 @@ class SelfAttention(nn.Module):
     dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, depth), dtype=self.dtype)
     q, k, v = (dense(name=name)(x).transpose(0, 2, 1, 3) for name in ('query', 'key', 'value'))
     q = q / jnp.sqrt(depth).astype(self.dtype)
-    # The softmax in float32 at least: for a bfloat16 model Flax's runs in bfloat16, whose
-    # 8-bit mantissa rounds the exponentials' sum.
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    # The max only guards exp against overflow; the result does not depend on it.
-    scores = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-    total = scores.sum(-1, keepdims=True)
     if self.is_mutable_collection('intermediates'):
+      scores, total = _attention_scores(q, k)
       self.sow('intermediates', 'attention_weights', (scores / total).astype(self.dtype))
-    y = jnp.einsum('bhqk,bhkd->bhqd', scores.astype(self.dtype), v) / total.astype(self.dtype)
-    y = y.transpose(0, 2, 1, 3)
+    core = _attention_core
+    if self.grad_chunk_kib > 0 and self.mesh is not None and jax.default_backend() == 'cpu':
+      core = _chunked_attention_core(self.grad_chunk_kib, self.mesh)
+    y = core(q, k, v).transpose(0, 2, 1, 3)
     return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, name='out')(y)
 
 
@@ -229,6 +314,7 @@ class AttentionBlock(nn.Module):
   'layer'; not in the paper) normalises the block's output, which the paper's block leaves
   unbounded (the second block reaches the classifier through a residual block and a max-pool
   only): a switch for testing whether that is what makes large learning rates diverge.
+  `grad_chunk_kib` and `mesh` go to `SelfAttention`.
   """
 
   num_heads: int
@@ -238,6 +324,8 @@ class AttentionBlock(nn.Module):
   bn_momentum: float = _BN_MOMENTUM
   bn_group_size: int = 0
   dtype: Any = jnp.float32
+  grad_chunk_kib: int = 0
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -250,7 +338,8 @@ class AttentionBlock(nn.Module):
     # Both record the (B, heads, HW, HW) weights only when the caller makes 'intermediates'
     # mutable (the attention-map tool); training never pays for it.
     if self.impl == 'deferred':
-      x = SelfAttention(self.num_heads, dtype=self.dtype, name='mhsa')(x) + x
+      x = SelfAttention(self.num_heads, dtype=self.dtype, grad_chunk_kib=self.grad_chunk_kib,
+                        mesh=self.mesh, name='mhsa')(x) + x
     elif self.impl == 'flax':
       attn = nn.MultiHeadDotProductAttention(
           num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype, name='mhsa'
@@ -293,6 +382,8 @@ class HybridNet(nn.Module):
   `widths` and `pool` list the four conv blocks in order (two per stage); `num_heads` applies
   to both attention blocks. `logit_scale` multiplies the logits (ResNet-9's 0.125; 1 in the
   paper). `dirac` starts every conv but the first as an identity where it can (`dirac_init`).
+  `mesh`: the devices a training step splits its batch over, for the attention's chunked
+  backward pass on CPUs (`attention_grad_chunk_kib`, `SelfAttention`); None turns it off.
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -309,6 +400,8 @@ class HybridNet(nn.Module):
   bn_group_size: int = 0  # > 0: ghost batch norm over groups of this many examples
   dirac: bool = False
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+  attention_grad_chunk_kib: int = 0
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -322,7 +415,8 @@ class HybridNet(nn.Module):
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
                            impl=self.attention_impl,
                            bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
-                           dtype=self.dtype, name=f'attention{stage + 1}')(x, train)
+                           dtype=self.dtype, grad_chunk_kib=self.attention_grad_chunk_kib,
+                           mesh=self.mesh, name=f'attention{stage + 1}')(x, train)
       x = ResidualBlock(bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
                         dirac=self.dirac, dtype=self.dtype, name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
@@ -366,11 +460,15 @@ def validate_model_config(model_config) -> None:
     raise ValueError(f'model.whiten needs an even first width of at most {_MAX_WHITENED_WIDTH} '
                      f'(two channels per eigenvector of a 3x3x3 patch), got '
                      f'model.widths[0]={widths[0]}')
+  if model_config.attention_grad_chunk_kib < 0:
+    raise ValueError(f'model.attention_grad_chunk_kib must be >= 0 (0: off), '
+                     f'got {model_config.attention_grad_chunk_kib}')
   if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
 
 
-def create_model(model_config) -> HybridNet:
+def create_model(model_config, mesh=None) -> HybridNet:
+  """The config's model; `mesh` (the training step's batch split) as `HybridNet` takes it."""
   validate_model_config(model_config)
   return HybridNet(
       widths=tuple(model_config.widths),
@@ -387,4 +485,6 @@ def create_model(model_config) -> HybridNet:
       bn_group_size=model_config.bn_group_size,
       dirac=model_config.dirac,
       dtype=DTYPES[model_config.dtype],
+      attention_grad_chunk_kib=model_config.attention_grad_chunk_kib,
+      mesh=mesh,
   )

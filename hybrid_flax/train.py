@@ -355,10 +355,10 @@ def whiten_first_layer(state: TrainState, images: np.ndarray, sharding) -> Train
 
 def state_factory(config, steps_per_epoch: int, image_shape, sharding):
   """Returns (learning_rate_fn, init(rng) -> TrainState, the abstract state to restore into)."""
-  model = models.create_model(config.model)
+  mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
+  model = models.create_model(config.model, mesh)
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  tx = create_optimizer(config, learning_rate_fn,
-                        sharding.mesh if isinstance(sharding, NamedSharding) else None)
+  tx = create_optimizer(config, learning_rate_fn, mesh)
   init = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape,
                            ema=config.ema_decay > 0 or config.lookahead_every > 0)
   abstract_state = jax.tree.map(

@@ -144,6 +144,71 @@ def test_attention_impls_share_parameters_and_agree(num_heads, shape, dtype, tol
     assert scale(g - ref_g) <= tol * largest
 
 
+@pytest.mark.parametrize('pairs, length, kib, expected', [
+    (512, 256, 1024, 4),  # paper width: 64 examples x 8 heads a device, 256 KiB of scores each
+    (512, 16, 1024, 512),  # the 4x4 block: everything in one chunk
+    (6, 16, 4, 3),  # 4 pairs would fit; 3 is the most that divides 6
+    (5, 64, 1, 1),  # not even one pair fits: one at a time
+])
+def test_pairs_per_chunk_fits_the_budget_and_divides_the_pairs(pairs, length, kib, expected):
+  assert models._pairs_per_chunk(pairs, length, kib) == expected
+
+
+@pytest.mark.parametrize('num_heads, shape, kib, dtype, tol', [
+    (2, (8, 4, 4, 8), 2, jnp.float32, 1e-5),  # 2 pairs a chunk, 2 chunks on each of 4 devices
+    (1, (4, 6, 6, 8), 1, jnp.float32, 1e-5),  # a pair at a time, 36 positions
+    (4, (8, 2, 2, 16), 1024, jnp.float32, 1e-5),  # the whole shard in one chunk
+    (2, (4, 4, 4, 8), 2, jnp.bfloat16, 2e-2),
+])
+def test_chunked_attention_backward_matches_autodiff(num_heads, shape, kib, dtype, tol):
+  # With a mesh the block's backward loops over chunks of each device's (example, head) pairs
+  # (the batch split over 4 fake devices); its gradients must be autodiff's, for the
+  # parameters and the input, and the forward pass must not change at all.
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), shape), batch)
+  plain = models.AttentionBlock(num_heads, dtype=dtype)
+  chunked = models.AttentionBlock(num_heads, dtype=dtype, grad_chunk_kib=kib, mesh=mesh)
+  variables = plain.init(jax.random.PRNGKey(1), x)
+
+  def loss(variables, x, block):
+    return jnp.sum(jnp.sin(block.apply(variables, x).astype(jnp.float32)))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  assert 'shard_map' in str(jax.make_jaxpr(grad, static_argnums=2)(variables, x, chunked))
+  assert 'shard_map' not in str(jax.make_jaxpr(grad, static_argnums=2)(variables, x, plain))
+  np.testing.assert_array_equal(jax.jit(chunked.apply)(variables, x),
+                                jax.jit(plain.apply)(variables, x))
+  got, want = grad(variables, x, chunked), grad(variables, x, plain)
+  scale = lambda a: float(jnp.abs(a.astype(jnp.float32)).max())
+  largest = max(scale(g) for g in jax.tree.leaves(want))
+  for g, ref_g in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == ref_g.dtype and g.shape == ref_g.shape
+    assert scale(g - ref_g) <= tol * largest
+
+
+def test_training_state_uses_the_chunked_attention_backward_on_its_mesh():
+  # state_factory hands the model its sharding's mesh, as it does the optimizer: the chunked
+  # backward is what training runs on CPUs, and 0 turns it off.
+  from hybrid_flax import train  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  for kib, expected in ((1024, True), (0, False)):
+    config = cifar_tiny.get_config()
+    config.model.attention_grad_chunk_kib = kib
+    _, init, _ = train.state_factory(config, 10, (32, 32, 3), replicated)
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    assert state.apply_fn.__self__.mesh is mesh
+
+    def loss(params, batch_stats):
+      logits, _ = state.apply_fn({'params': params, 'batch_stats': batch_stats},
+                                 jnp.zeros((4, 32, 32, 3)), train=True, mutable=['batch_stats'])
+      return logits.sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(state.params, state.batch_stats)
+    assert ('shard_map' in str(jaxpr)) == expected
+
+
 def test_attention_weights_are_recorded_only_when_asked():
   block = models.AttentionBlock(1)
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 2, 4))
@@ -188,6 +253,7 @@ def test_attention_block_rejects_heads_that_do_not_divide_channels():
     ({'attention_impl': 'flash'}, 'attention_impl'),
     ({'logit_scale': 0.0}, 'logit_scale'),
     ({'bn_group_size': -1}, 'bn_group_size'),
+    ({'attention_grad_chunk_kib': -1}, 'attention_grad_chunk_kib'),
 ])
 def test_invalid_model_configs_fail_with_a_reason(overrides, match):
   with pytest.raises(ValueError, match=match):
