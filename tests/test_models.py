@@ -14,6 +14,7 @@ from configs import cifar_hybrid_fast
 from configs import cifar_hybrid_noembed
 from configs import cifar_tiny
 from hybrid_flax import models
+from hybrid_flax import train
 
 
 def _param_count(model, shape=(1, 32, 32, 3)):
@@ -164,7 +165,7 @@ def test_chunked_attention_backward_matches_autodiff(num_heads, shape, kib, dtyp
   # With a mesh the block's backward loops over chunks of each device's (example, head) pairs
   # (the batch split over 4 fake devices); its gradients must be autodiff's, for the
   # parameters and the input, and the forward pass must not change at all.
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  mesh = train.data_mesh()  # conftest's 4 fake devices
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), shape), batch)
   plain = models.AttentionBlock(num_heads, dtype=dtype)
@@ -190,8 +191,7 @@ def test_chunked_attention_backward_matches_autodiff(num_heads, shape, kib, dtyp
 def test_training_state_uses_the_chunked_attention_backward_on_its_mesh():
   # state_factory hands the model its sharding's mesh, as it does the optimizer: the chunked
   # backward is what training runs on CPUs, and 0 turns it off.
-  from hybrid_flax import train  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  mesh = train.data_mesh()  # conftest's 4 fake devices
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   for kib, expected in ((1024, True), (0, False)):
     config = cifar_tiny.get_config()
