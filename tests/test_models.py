@@ -111,6 +111,19 @@ def test_attention_is_permutation_equivariant_over_positions():
   assert float(jnp.abs(moved[:, 1:] - out[:, 1:]).max()) > 1e-4
 
 
+def _largest_abs(a):
+  return float(jnp.abs(a.astype(jnp.float32)).max())
+
+
+def _assert_grads_agree(grads, ref_grads, tol):
+  # Relative to the largest gradient: the key bias's is zero (softmax ignores a shift that is
+  # the same for every key), so it differs by round-off only.
+  largest = max(_largest_abs(g) for g in jax.tree.leaves(ref_grads))
+  for g, ref_g in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    assert g.dtype == ref_g.dtype and g.shape == ref_g.shape
+    assert _largest_abs(g - ref_g) <= tol * largest
+
+
 @pytest.mark.parametrize('num_heads, shape, dtype, tol', [
     (1, (2, 16, 16, 32), jnp.float32, 1e-5), (8, (2, 4, 4, 64), jnp.float32, 1e-5),
     (2, (3, 4, 3, 8), jnp.bfloat16, 5e-2)])
@@ -130,19 +143,14 @@ def test_attention_impls_share_parameters_and_agree(num_heads, shape, dtype, tol
   def loss(block, variables):
     return jnp.sum(jnp.sin(block.apply(variables, x).astype(jnp.float32)))
 
-  scale = lambda a: float(jnp.abs(a.astype(jnp.float32)).max())
   (out, inter), (ref, ref_inter) = run(ours, variables), run(flax_own, variables)
-  assert scale(out - ref) <= tol * scale(ref)
+  assert _largest_abs(out - ref) <= tol * _largest_abs(ref)
   weights = inter['intermediates']['mhsa']['attention_weights'][0]
   ref_weights = ref_inter['intermediates']['mhsa']['attention_weights'][0]
   assert weights.shape == ref_weights.shape == (shape[0], num_heads) + (shape[1] * shape[2],) * 2
-  assert scale(weights - ref_weights) <= tol
+  assert _largest_abs(weights - ref_weights) <= tol
   grads, ref_grads = (jax.grad(loss, argnums=1)(block, variables) for block in (ours, flax_own))
-  # Relative to the largest gradient: the key bias's is zero (softmax ignores a shift that is
-  # the same for every key), so it differs by round-off only.
-  largest = max(scale(g) for g in jax.tree.leaves(ref_grads))
-  for g, ref_g in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    assert scale(g - ref_g) <= tol * largest
+  _assert_grads_agree(grads, ref_grads, tol)
 
 
 @pytest.mark.parametrize('pairs, length, kib, expected', [
@@ -180,12 +188,7 @@ def test_chunked_attention_backward_matches_autodiff(num_heads, shape, kib, dtyp
   assert 'shard_map' not in str(jax.make_jaxpr(grad, static_argnums=2)(variables, x, plain))
   np.testing.assert_array_equal(jax.jit(chunked.apply)(variables, x),
                                 jax.jit(plain.apply)(variables, x))
-  got, want = grad(variables, x, chunked), grad(variables, x, plain)
-  scale = lambda a: float(jnp.abs(a.astype(jnp.float32)).max())
-  largest = max(scale(g) for g in jax.tree.leaves(want))
-  for g, ref_g in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert g.dtype == ref_g.dtype and g.shape == ref_g.shape
-    assert scale(g - ref_g) <= tol * largest
+  _assert_grads_agree(grad(variables, x, chunked), grad(variables, x, plain), tol)
 
 
 def test_training_state_uses_the_chunked_attention_backward_on_its_mesh():
