@@ -55,4 +55,8 @@ def get_config():
   # devices with YNNPACK's, the full-size one the same (five interleaved benchmark pairs;
   # docs/results.md).
   config.xla_cpu_convolutions = 'xla'
+  # At these widths the conv backward's barrier (from the base config) buys nothing overall:
+  # +3% on the full-size step and -2% on the 24x24 crops, which are most of the epochs
+  # (alternated bench processes at 2 devices on an Intel Xeon; docs/benchmark.md).
+  config.model.conv_grad_barrier = False
   return config

@@ -159,8 +159,57 @@ def batch_norm(train: bool, group_size: int = 0, momentum: float = _BN_MOMENTUM,
                       dtype=dtype, name=name)
 
 
+def _opaque_identity(xs, token):
+  """`xs` (a pytree) unchanged, through a while loop whose trip count XLA cannot know.
+
+  The loop runs once (zero times when `token` is NaN) and multiplies by a 1 read from `token`,
+  so the result is exactly `xs`; but XLA can neither remove the loop nor fuse across it, so
+  what reads the result reads a stored tensor. `token` must be a replicated scalar (a
+  parameter's element): one read from a batch-sharded array would need a collective.
+  """
+  trips = (token == token).astype(jnp.int32)
+  one = trips.astype(jnp.float32)
+  def body(carry):
+    i, values = carry
+    return i + 1, jax.tree.map(lambda v: v * one.astype(v.dtype), values)
+  return jax.lax.while_loop(lambda carry: carry[0] < trips, body, (jnp.int32(0), xs))[1]
+
+
+def conv_with_grad_barrier(lhs, rhs, *args, **kwargs):
+  """`jax.lax.conv_general_dilated` whose gradients read its input and output gradient stored.
+
+  Why: XLA's CPU backend computes a weight gradient as a convolution over transposed copies of
+  the input and of the output's gradient, and fuses their producers (batch norm and ReLU in
+  the forward, batch norm's backward) into those strided copies, recomputing them element by
+  element at a fraction of memory speed. Passing both through `_opaque_identity` first leaves
+  plain copies of stored tensors: the paper-width step 3-10% faster on a 2-core Intel Xeon
+  (docs/benchmark.md). The values are the convolution's, and so are the gradients: the same
+  backward, on the same numbers.
+  """
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, *args, **kwargs)
+
+  @jax.custom_vjp
+  def barrier_conv(x, w):
+    return conv(x, w)
+
+  def forward(x, w):
+    return conv(x, w), (x, w)
+
+  def backward(saved, dy):
+    x, w = saved
+    x, dy = _opaque_identity((x, dy), w.ravel()[0])
+    return jax.vjp(conv, x, w)[1](dy)
+
+  barrier_conv.defvjp(forward, backward)
+  return barrier_conv(lhs, rhs)
+
+
 class ConvBlock(nn.Module):
-  """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool."""
+  """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool.
+
+  `grad_barrier`, on CPUs: the conv's backward reads stored tensors (`conv_with_grad_barrier`).
+  """
 
   features: int
   pool: bool = False
@@ -168,12 +217,16 @@ class ConvBlock(nn.Module):
   bn_group_size: int = 0
   dirac: bool = False
   dtype: Any = jnp.float32
+  grad_barrier: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     init = dirac_init() if self.dirac else nn.initializers.lecun_normal()
+    # CPUs only: on a GPU each loop of the barrier would wait for the host.
+    barrier = self.grad_barrier and jax.default_backend() == 'cpu'
+    conv = conv_with_grad_barrier if barrier else jax.lax.conv_general_dilated
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
-                dtype=self.dtype)(x)
+                dtype=self.dtype, conv_general_dilated=conv)(x)
     # Named as nn.BatchNorm names itself, so the bias scaler and checkpoints find it either way.
     x = batch_norm(train, self.bn_group_size, self.bn_momentum, self.dtype, 'BatchNorm_0')(x)
     x = nn.relu(x)
@@ -365,12 +418,13 @@ class ResidualBlock(nn.Module):
   bn_group_size: int = 0
   dirac: bool = False
   dtype: Any = jnp.float32
+  grad_barrier: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     block = functools.partial(ConvBlock, x.shape[-1], bn_momentum=self.bn_momentum,
                               bn_group_size=self.bn_group_size, dirac=self.dirac,
-                              dtype=self.dtype)
+                              dtype=self.dtype, grad_barrier=self.grad_barrier)
     y = block()(x, train)  # ConvBlock_0, then ConvBlock_1, as checkpoints name them
     y = block()(y, train)
     return x + y
@@ -384,6 +438,7 @@ class HybridNet(nn.Module):
   paper). `dirac` starts every conv but the first as an identity where it can (`dirac_init`).
   `mesh`: the devices a training step splits its batch over, for the attention's chunked
   backward pass on CPUs (`attention_grad_chunk_kib`, `SelfAttention`); None turns it off.
+  `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -402,6 +457,7 @@ class HybridNet(nn.Module):
   dtype: Any = jnp.float32  # compute dtype; parameters stay float32
   attention_grad_chunk_kib: int = 0
   mesh: Any = None
+  conv_grad_barrier: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -410,7 +466,8 @@ class HybridNet(nn.Module):
       for i in (2 * stage, 2 * stage + 1):
         x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
                       bn_group_size=self.bn_group_size, dirac=self.dirac and i > 0,
-                      dtype=self.dtype, name=f'conv{i + 1}')(x, train)
+                      dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
+                      name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
                            impl=self.attention_impl,
@@ -418,7 +475,8 @@ class HybridNet(nn.Module):
                            dtype=self.dtype, grad_chunk_kib=self.attention_grad_chunk_kib,
                            mesh=self.mesh, name=f'attention{stage + 1}')(x, train)
       x = ResidualBlock(bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
-                        dirac=self.dirac, dtype=self.dtype, name=f'residual{stage + 1}')(x, train)
+                        dirac=self.dirac, dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
+                        name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -487,4 +545,5 @@ def create_model(model_config, mesh=None) -> HybridNet:
       dtype=DTYPES[model_config.dtype],
       attention_grad_chunk_kib=model_config.attention_grad_chunk_kib,
       mesh=mesh,
+      conv_grad_barrier=model_config.conv_grad_barrier,
   )

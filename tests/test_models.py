@@ -1,5 +1,7 @@
 """Shapes, pinned parameter counts, gradient checks and attention equivariance of the blocks."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -210,6 +212,54 @@ def test_training_state_uses_the_chunked_attention_backward_on_its_mesh():
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(state.params, state.batch_stats)
     assert ('shard_map' in str(jaxpr)) == expected
+
+
+@pytest.mark.parametrize('token', [0.5, float('nan')])
+def test_opaque_identity_returns_its_input(token):
+  # A NaN token skips the loop, a finite one runs it once: the values are the input's both ways.
+  xs = (jax.random.normal(jax.random.PRNGKey(0), (3, 4)), jnp.arange(6.0, dtype=jnp.bfloat16))
+  out = jax.jit(models._opaque_identity)(xs, jnp.float32(token))
+  for o, x in zip(out, xs, strict=True):
+    assert o.dtype == x.dtype
+    np.testing.assert_array_equal(o, x)
+
+
+def test_conv_grad_barrier_keeps_the_convolutions_values_and_gradients():
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                           padding=((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  barrier = functools.partial(models.conv_with_grad_barrier, window_strides=(1, 1),
+                              padding=((1, 1), (1, 1)),
+                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 5))
+  dy = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6, 5))
+  np.testing.assert_allclose(jax.jit(barrier)(x, w), jax.jit(conv)(x, w), rtol=1e-6, atol=1e-6)
+  vjp = jax.jit(lambda f, x, w, dy: jax.vjp(f, x, w)[1](dy), static_argnums=0)
+  for g, ref in zip(vjp(barrier, x, w, dy), vjp(conv, x, w, dy), strict=True):
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5)
+  # The barrier is a loop in the backward pass only.
+  assert 'while' not in str(jax.make_jaxpr(barrier)(x, w))
+  assert 'while' in str(jax.make_jaxpr(lambda x, w: jax.vjp(barrier, x, w)[1](dy))(x, w))
+
+
+def test_conv_grad_barrier_is_a_switch_that_leaves_the_model_s_gradients():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  config = cifar_tiny.get_config().model
+  assert config.conv_grad_barrier  # the paper configs' default, so the training tests run it
+  on = models.create_model(config)
+  config.conv_grad_barrier = False
+  off = models.create_model(config)
+  variables = off.init(jax.random.PRNGKey(1), x, train=False)
+
+  def loss(params, model):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(logits))
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  assert 'while' in str(jax.make_jaxpr(grad, static_argnums=1)(variables['params'], on))
+  assert 'while' not in str(jax.make_jaxpr(grad, static_argnums=1)(variables['params'], off))
+  _assert_grads_agree(grad(variables['params'], on), grad(variables['params'], off), 1e-5)
 
 
 def test_attention_weights_are_recorded_only_when_asked():
