@@ -225,11 +225,9 @@ def test_opaque_identity_returns_its_input(token):
 
 
 def test_conv_grad_barrier_keeps_the_convolutions_values_and_gradients():
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
-                           padding=((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  barrier = functools.partial(models.conv_with_grad_barrier, window_strides=(1, 1),
-                              padding=((1, 1), (1, 1)),
-                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  conv, barrier = (functools.partial(f, window_strides=(1, 1), padding=((1, 1), (1, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                   for f in (jax.lax.conv_general_dilated, models.conv_with_grad_barrier))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 3))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 5))
   dy = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6, 5))
