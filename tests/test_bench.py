@@ -1,12 +1,24 @@
 """The benchmark's measurements on the tiny config (figures are printed by the tool, not
 asserted)."""
 
+import importlib.util
 import math
+import pathlib
 
+import jax
 import pytest
 
+from configs import cifar_hybrid
 from configs import cifar_tiny
 from hybrid_flax import bench
+
+
+def _docs_script(name):
+  path = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'cpu_runs' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def test_steps_are_measured_with_xla_flop_counts():
@@ -126,3 +138,25 @@ def test_one_round_reports_one_ratio():
   text = bench.report(config, results, 'not imported', [_torch_round(config, rate / 2)])
   assert text.splitlines()[-1] == 'JAX / PyTorch training throughput: 2.00x'
   assert 'round 1' not in text
+
+
+def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
+  conv_layers = _docs_script('conv_layers')
+  assert conv_layers.conv_layers(cifar_hybrid.get_config().model) == [
+      ('conv1', 32, 3, 64), ('conv2', 32, 64, 128),
+      ('residual1.0', 16, 128, 128), ('residual1.1', 16, 128, 128),
+      ('conv3', 16, 128, 256), ('conv4', 8, 256, 512),
+      ('residual2.0', 4, 512, 512), ('residual2.1', 4, 512, 512)]
+  config = cifar_tiny.get_config()
+  layers = conv_layers.conv_layers(config.model)
+  assert len(layers) == 8 and layers[-1] == ('residual2.1', 4, 32, 32)
+  # A layer's four timers run its jitted parts on the batch split over the devices.
+  _, size, cin, cout = layers[1]
+  forward, input_grad, weight_grad, all_three = (
+      fn() for fn in conv_layers._jax_timers(config, size, cin, cout))
+  y = (config.batch_size, size, size, cout)
+  assert forward.shape == y
+  assert input_grad[0].shape == (config.batch_size, size, size, cin)
+  assert weight_grad[0].shape == (3, 3, cin, cout)
+  assert ([a.shape for a in jax.tree.leaves(all_three)]
+          == [y, input_grad[0].shape, weight_grad[0].shape])
