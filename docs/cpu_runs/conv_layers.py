@@ -14,6 +14,7 @@ run in this one process, under the huge-page malloc that `bench` gives both fram
 then in PyTorch; the medians over the rounds are printed.
 """
 
+import importlib.util
 import statistics
 import time
 
@@ -51,7 +52,7 @@ def conv_layers(model_config, size: int = 32) -> list[tuple[str, int, int, int]]
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
-  fn()  # compiles / warms up
+  fn()  # warm-up
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -109,6 +110,8 @@ def _torch_timers(config, size, cin, cout):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _TORCH.value and importlib.util.find_spec('torch') is None:
+    raise app.UsageError('--torch needs PyTorch: pip install -e ".[bench]"')
   config = _CONFIG.value
   xla_cpu_flags.apply(config.xla_cpu_convolutions)
   layers = conv_layers(config.model)
