@@ -160,3 +160,26 @@ def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
   assert weight_grad[0].shape == (3, 3, cin, cout)
   assert ([a.shape for a in jax.tree.leaves(all_three)]
           == [y, input_grad[0].shape, weight_grad[0].shape])
+
+
+def test_gpu_screen_builds_each_wave_on_the_best_finished_run():
+  path = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'device_runs' / 'screen.py'
+  spec = importlib.util.spec_from_file_location('screen', path)
+  screen = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(screen)
+  run = lambda overrides, accuracy, rc=0: {'overrides': overrides, 'test_accuracy': accuracy,
+                                           'rc': rc}
+  assert screen.second_wave({}) == {} and screen.seeds_wave({}) == {}
+  results = {'muon08': run(screen.WAVE1['muon08'], 0.91),
+             'muon16': run(screen.WAVE1['muon16'], 0.95, rc=-9),  # cut short: not a candidate
+             'altflip_shift2': run(screen.AIRBENCH, 0.90)}
+  assert screen.best(results) == 'muon08'
+  second = screen.second_wave(results)
+  assert list(second) == ['muon08' + suffix for suffix in screen.WAVE2]
+  assert second['muon08+lookahead5'] == screen.WAVE1['muon08'] + screen.WAVE2['+lookahead5']
+  # A switch the best run already has is not tried again.
+  results['altflip_shift2']['test_accuracy'] = 0.92
+  assert 'altflip_shift2+altflip_shift2' not in screen.second_wave(results)
+  assert screen.seeds_wave(results) == {
+      'config': [], 'altflip_shift2_seed1': screen.AIRBENCH + ['--config.seed=1'],
+      'altflip_shift2_seed2': screen.AIRBENCH + ['--config.seed=2']}

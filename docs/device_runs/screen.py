@@ -1,0 +1,169 @@
+"""The next GPU call for issue 3: screens the strong recipe's untried switches, three runs at a time.
+
+Prepared on a CPU for the next session that is lent a GPU (15 minutes of device time, one call of
+at most 10): every run is `configs/cifar_hybrid_fast.py` for its 12 epochs in bf16 with a few
+overrides, served the JPEG copy by `gpu_run.py` as the earlier calls were. Run from the repo
+root, with this folder's scripts, `cifar10_jpeg.npz` (`make_blob.py`) and the wheels the GPU
+machine lacks in `.gpu/` (54 MB; installed into /tmp/site there):
+
+  mkdir -p .gpu && cp docs/device_runs/*.py .gpu/ && python docs/device_runs/make_blob.py
+  pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --platform manylinux2014_x86_64 -d .gpu/whl ml-collections tensorboardX protobuf
+
+  python3 .gpu/screen.py --out $OUT --budget 540            # on the GPU machine
+  python3 .gpu/screen.py --quick --out /tmp/o --budget 1500 --wave_seconds 200  # CPU dry run
+
+Wave 1 tries Muon on the conv kernels at two peak learning rates (at CPU scale it gave +0.8
+points over SGD) and airbench's alternating flip with shifted test views; wave 2 builds on
+wave 1's best; wave 3 reruns the overall best with two more seeds, next to the config as it is.
+A wave starts only while the budget has room for it; `summary.json` and each run's
+`metrics.jsonl` land in --out as each wave ends, so a call cut short keeps what finished.
+"""
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SITE = '/tmp/site'
+FLAGS = ['--config', 'configs/cifar_hybrid_fast.py', '--config.dataset=cifar10_folder',
+         '--config.progress_bar=False']
+QUICK = ['--config.num_epochs=1', '--config.warmup_epochs=0.5',
+         '--config.model.widths=(8,16,16,32)', '--config.model.num_heads=1']
+MUON = '--config.optimizer=muon'
+AIRBENCH = ['--config.augment.alternate_flip=True', '--config.eval_translate=2']
+# Wave 1; wave 2 is WAVE2 applied to wave 1's best.
+WAVE1 = {
+    'muon08': [MUON, '--config.muon_learning_rate=0.08'],
+    'muon16': [MUON, '--config.muon_learning_rate=0.16'],
+    'altflip_shift2': AIRBENCH,
+}
+WAVE2 = {
+    '+altflip_shift2': AIRBENCH,
+    '+lookahead5': ['--config.lookahead_every=5', '--config.ema_decay=0'],
+    '+smooth0.2': ['--config.label_smoothing=0.2'],
+}
+
+
+def best(results):
+  """The finished run with the highest test accuracy (a run cut short has a partial one)."""
+  done = [(r['test_accuracy'], name) for name, r in results.items()
+          if r['rc'] == 0 and r['test_accuracy'] is not None]
+  return max(done)[1] if done else None
+
+
+def second_wave(results):
+  """WAVE2's switches, each added to the best run's overrides where it has not got them."""
+  first = best(results)
+  if first is None:
+    return {}
+  have = results[first]['overrides']
+  return {first + suffix: have + extra for suffix, extra in WAVE2.items()
+          if not set(extra) <= set(have)}
+
+
+def seeds_wave(results):
+  """The best run with seeds 1 and 2, and the config as it is (seed 0) beside them."""
+  top = best(results)
+  if top is None:
+    return {}
+  have = results[top]['overrides']
+  return {'config': [], **{f'{top}_seed{s}': have + [f'--config.seed={s}'] for s in (1, 2)}}
+
+
+def final_accuracy(workdir):
+  """The last evaluated epoch's test accuracy in `workdir`, or None."""
+  if os.getcwd() not in sys.path:  # the repo root, where this runs; sys.path has .gpu/
+    sys.path.insert(0, os.getcwd())
+  from hybrid_flax import metric_writer  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  epochs = [r for r in metric_writer.read_metrics(workdir)
+            if r.get('kind') == 'epoch' and 'test_accuracy' in r]
+  return epochs[-1]['test_accuracy'] if epochs else None
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--out', required=True, help='Where logs, metrics and summary.json go.')
+  parser.add_argument('--budget', type=float, default=540, help='Seconds for the whole call.')
+  parser.add_argument('--wave_seconds', type=float, default=170,
+                      help='What a wave of three 12-epoch runs needs; no wave starts with less.')
+  parser.add_argument('--workdirs', default='/tmp/screen', help='The runs\' workdirs.')
+  parser.add_argument('--quick', action='store_true',
+                      help='A dry run on a CPU: a tiny model for one epoch, float32.')
+  args = parser.parse_args()
+  start = time.time()
+  left = lambda: args.budget - (time.time() - start)
+  os.makedirs(args.out, exist_ok=True)
+  base = FLAGS + (QUICK if args.quick else ['--config.model.dtype=bfloat16'])
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.3', PYTHONUNBUFFERED='1')
+  # The GPU machine lacks these packages and has no network: install the carried wheels.
+  wheels = sorted(glob.glob(os.path.join(HERE, 'whl', '*.whl')))
+  if importlib.util.find_spec('google.protobuf') is not None:  # keep the machine's own
+    wheels = [w for w in wheels if not os.path.basename(w).startswith('protobuf-')]
+  if wheels and not args.quick:
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps',
+                    '--no-compile', '--no-cache-dir', '--upgrade', '--target', SITE, *wheels],
+                   check=True)
+    env['PYTHONPATH'] = os.pathsep.join([SITE, os.getcwd(), env.get('PYTHONPATH', '')])
+  results = {}
+
+  def wave(runs):
+    if not runs:
+      return
+    if left() < args.wave_seconds:
+      print(f'[{time.time() - start:.0f}s] {len(runs)} runs skipped: '
+            f'{left():.0f} s left', flush=True)
+      return
+    print(f'[{time.time() - start:.0f}s] wave: {list(runs)}', flush=True)
+    for name in runs:  # launch.py would resume a run found there
+      if os.path.exists(os.path.join(args.workdirs, name)):
+        sys.exit(f'{os.path.join(args.workdirs, name)} exists: give a fresh --workdirs')
+    procs = {}
+    for name, overrides in runs.items():
+      workdir = os.path.join(args.workdirs, name)
+      log = open(os.path.join(args.out, f'{name}.log'), 'w')
+      cmd = [sys.executable, os.path.join(HERE, 'gpu_run.py'), 'launch', *base,
+             f'--workdir={workdir}', *overrides]
+      procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                     log, workdir, overrides, time.time())
+    for name, (proc, log, workdir, overrides, began) in procs.items():
+      try:
+        proc.wait(timeout=max(1.0, left() - 5))
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      log.close()
+      accuracy = final_accuracy(workdir)
+      results[name] = {'overrides': overrides, 'rc': proc.returncode, 'test_accuracy': accuracy,
+                       'wall_s': round(time.time() - began, 1)}
+      if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+        shutil.copy(os.path.join(workdir, 'metrics.jsonl'),
+                    os.path.join(args.out, f'{name}.metrics.jsonl'))
+      print(f'[{time.time() - start:.0f}s] {name}: rc {proc.returncode}, test accuracy '
+            f'{accuracy}, {" ".join(overrides)}', flush=True)
+    with open(os.path.join(args.out, 'summary.json'), 'w') as f:
+      json.dump(results, f, indent=1)
+
+  # Decoded once, shared by every run (gpu_run.py's cache).
+  subprocess.run([sys.executable, os.path.join(HERE, 'gpu_run.py'), 'decode'], check=True,
+                 env=env)
+  wave(WAVE1)
+  wave(second_wave(results))
+  wave(seeds_wave(results))
+  ranked = sorted(results.items(), key=lambda kv: -(kv[1]['test_accuracy'] or 0))
+  for name, r in ranked:
+    print(f'{r["test_accuracy"]}  {name}  {" ".join(r["overrides"])}')
+  print(f'done in {time.time() - start:.0f} s')
+
+
+if __name__ == '__main__':
+  main()
