@@ -1,4 +1,4 @@
-"""The next GPU call for issue 3: screens the strong recipe's untried switches, three runs at a time.
+"""The next GPU call for issue 3: the strong recipe's untried switches, three runs at a time.
 
 Prepared on a CPU for the next session that is lent a GPU (15 minutes of device time, one call of
 at most 10): every run is `configs/cifar_hybrid_fast.py` for its 12 epochs in bf16 with a few
