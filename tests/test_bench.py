@@ -13,8 +13,8 @@ from configs import cifar_tiny
 from hybrid_flax import bench
 
 
-def _docs_script(name):
-  path = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'cpu_runs' / f'{name}.py'
+def _docs_script(folder, name):
+  path = pathlib.Path(__file__).resolve().parents[1] / 'docs' / folder / f'{name}.py'
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -141,7 +141,7 @@ def test_one_round_reports_one_ratio():
 
 
 def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
-  conv_layers = _docs_script('conv_layers')
+  conv_layers = _docs_script('cpu_runs', 'conv_layers')
   assert conv_layers.conv_layers(cifar_hybrid.get_config().model) == [
       ('conv1', 32, 3, 64), ('conv2', 32, 64, 128),
       ('residual1.0', 16, 128, 128), ('residual1.1', 16, 128, 128),
@@ -163,10 +163,7 @@ def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
 
 
 def test_gpu_screen_builds_each_wave_on_the_best_finished_run():
-  path = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'device_runs' / 'screen.py'
-  spec = importlib.util.spec_from_file_location('screen', path)
-  screen = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(screen)
+  screen = _docs_script('device_runs', 'screen')
   run = lambda overrides, accuracy, rc=0: {'overrides': overrides, 'test_accuracy': accuracy,
                                            'rc': rc}
   assert screen.second_wave({}) == {} and screen.seeds_wave({}) == {}
