@@ -51,6 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (models.conv_with_grad_barrier; the paper-width step 3-10% faster on a 2-core Intel Xeon,
   # docs/benchmark.md). The same gradients.
   config.model.conv_grad_barrier = True
+  # The 3x3 convs on 8x8 maps and larger: 'onednn' through oneDNN, PyTorch's CPU convolutions
+  # (hybrid_flax/onednn_conv.py; needs `pip install -e ".[onednn]"` and a C++ compiler), 'xla'
+  # XLA's own, 'auto' oneDNN where it can run (CPU, float32, installed) and XLA's elsewhere.
+  # The same convolutions up to float32 rounding.
+  config.model.conv_impl = 'auto'
   config.model.logit_scale = 1.0
   config.model.num_classes = 10
   config.model.dropout = 0.0

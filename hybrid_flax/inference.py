@@ -76,7 +76,8 @@ def load_run(workdir: str) -> Run:
     # Over the base config's defaults: runs saved before a switch existed trained without it.
     config = ml_collections.ConfigDict(_merged(cifar_hybrid.get_config().to_dict(),
                                                json.load(f)))
-  replicated = NamedSharding(train.data_mesh(), P())
+  mesh = train.data_mesh()
+  replicated = NamedSharding(mesh, P())
   # The schedule's length does not change the state's structure, so any steps_per_epoch will do.
   _, _, abstract_state = train.state_factory(config, 1, input_pipeline.IMAGE_SHAPE, replicated)
   manager = checkpointing.open_read_only(checkpoint_dir)
@@ -86,7 +87,9 @@ def load_run(workdir: str) -> Run:
     manager.close()
   if state is None:
     raise RunNotFoundError(f'{checkpoint_dir} holds no readable checkpoint')
-  return Run(workdir=workdir, config=config, model=models.create_model(config.model), state=state)
+  # The mesh that predict_logits splits batches over, for the model's per-device oneDNN convs.
+  return Run(workdir=workdir, config=config, model=models.create_model(config.model, mesh),
+             state=state)
 
 
 def _merged(base: dict, saved: dict) -> dict:

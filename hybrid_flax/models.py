@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from hybrid_flax import onednn_conv
+
 # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here), so the paper's learning
 # rate sees the same normalisation statistics.
 _BN_MOMENTUM = 0.9
@@ -205,10 +207,22 @@ def conv_with_grad_barrier(lhs, rhs, *args, **kwargs):
   return barrier_conv(lhs, rhs)
 
 
+def conv_function(size: int, grad_barrier: bool, onednn: bool, mesh):
+  """The `conv_general_dilated` a `ConvBlock` with these switches runs on `size`-wide maps."""
+  if onednn and size >= onednn_conv.MIN_SIZE:
+    return onednn_conv.conv_3x3(mesh)
+  # CPUs only: on a GPU each loop of the barrier would wait for the host.
+  if grad_barrier and jax.default_backend() == 'cpu':
+    return conv_with_grad_barrier
+  return jax.lax.conv_general_dilated
+
+
 class ConvBlock(nn.Module):
   """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool.
 
   `grad_barrier`, on CPUs: the conv's backward reads stored tensors (`conv_with_grad_barrier`).
+  `onednn`: maps of at least `onednn_conv.MIN_SIZE` go through oneDNN, each device of `mesh`
+  (None: one device) its share of the batch (`onednn_conv.conv_3x3`).
   """
 
   features: int
@@ -218,13 +232,13 @@ class ConvBlock(nn.Module):
   dirac: bool = False
   dtype: Any = jnp.float32
   grad_barrier: bool = False
+  onednn: bool = False
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     init = dirac_init() if self.dirac else nn.initializers.lecun_normal()
-    # CPUs only: on a GPU each loop of the barrier would wait for the host.
-    barrier = self.grad_barrier and jax.default_backend() == 'cpu'
-    conv = conv_with_grad_barrier if barrier else jax.lax.conv_general_dilated
+    conv = conv_function(min(x.shape[1:3]), self.grad_barrier, self.onednn, self.mesh)
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
                 dtype=self.dtype, conv_general_dilated=conv)(x)
     # Named as nn.BatchNorm names itself, so the bias scaler and checkpoints find it either way.
@@ -419,12 +433,15 @@ class ResidualBlock(nn.Module):
   dirac: bool = False
   dtype: Any = jnp.float32
   grad_barrier: bool = False
+  onednn: bool = False
+  mesh: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     block = functools.partial(ConvBlock, x.shape[-1], bn_momentum=self.bn_momentum,
                               bn_group_size=self.bn_group_size, dirac=self.dirac,
-                              dtype=self.dtype, grad_barrier=self.grad_barrier)
+                              dtype=self.dtype, grad_barrier=self.grad_barrier,
+                              onednn=self.onednn, mesh=self.mesh)
     y = block()(x, train)  # ConvBlock_0, then ConvBlock_1, as checkpoints name them
     y = block()(y, train)
     return x + y
@@ -439,6 +456,7 @@ class HybridNet(nn.Module):
   `mesh`: the devices a training step splits its batch over, for the attention's chunked
   backward pass on CPUs (`attention_grad_chunk_kib`, `SelfAttention`); None turns it off.
   `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
+  `onednn`: the convs of 8x8 maps and larger run through oneDNN (`ConvBlock`; CPUs, float32).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -458,6 +476,7 @@ class HybridNet(nn.Module):
   attention_grad_chunk_kib: int = 0
   mesh: Any = None
   conv_grad_barrier: bool = False
+  onednn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -467,7 +486,7 @@ class HybridNet(nn.Module):
         x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
                       bn_group_size=self.bn_group_size, dirac=self.dirac and i > 0,
                       dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
-                      name=f'conv{i + 1}')(x, train)
+                      onednn=self.onednn, mesh=self.mesh, name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
                            impl=self.attention_impl,
@@ -476,7 +495,7 @@ class HybridNet(nn.Module):
                            mesh=self.mesh, name=f'attention{stage + 1}')(x, train)
       x = ResidualBlock(bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
                         dirac=self.dirac, dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
-                        name=f'residual{stage + 1}')(x, train)
+                        onednn=self.onednn, mesh=self.mesh, name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -521,6 +540,7 @@ def validate_model_config(model_config) -> None:
   if model_config.attention_grad_chunk_kib < 0:
     raise ValueError(f'model.attention_grad_chunk_kib must be >= 0 (0: off), '
                      f'got {model_config.attention_grad_chunk_kib}')
+  onednn_conv.check(model_config.conv_impl)
   if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
 
@@ -546,4 +566,5 @@ def create_model(model_config, mesh=None) -> HybridNet:
       attention_grad_chunk_kib=model_config.attention_grad_chunk_kib,
       mesh=mesh,
       conv_grad_barrier=model_config.conv_grad_barrier,
+      onednn=onednn_conv.use_onednn(model_config.conv_impl, DTYPES[model_config.dtype]),
   )

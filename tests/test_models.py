@@ -201,6 +201,7 @@ def test_training_state_uses_the_chunked_attention_backward_on_its_mesh():
   for kib, expected in ((1024, True), (0, False)):
     config = cifar_tiny.get_config()
     config.model.attention_grad_chunk_kib = kib
+    config.model.conv_impl = 'xla'  # oneDNN's convs split the batch with shard_maps of their own
     _, init, _ = train.state_factory(config, 10, (32, 32, 3), replicated)
     state = jax.eval_shape(init, jax.random.PRNGKey(0))
     assert state.apply_fn.__self__.mesh is mesh

@@ -5,9 +5,10 @@ r"""Each conv layer alone: forward, input gradient and weight gradient, JAX agai
 
 The training step spends most of its time in the convolutions; this times each layer's three
 convolutions apart, at the config's batch size, so the two frameworks can be compared kernel by
-kernel. JAX runs them as the training step does: the batch split over every device, and on CPUs
-with `model.conv_grad_barrier` through `models.conv_with_grad_barrier` (alone, with nothing for
-it to keep out of the copies, the barrier only costs its loop). PyTorch runs `F.conv2d`, NCHW,
+kernel. JAX runs them as the training step does (`models.conv_function`): the batch split over
+every device; through oneDNN where `model.conv_impl` puts them there; else on CPUs with
+`model.conv_grad_barrier` through `models.conv_with_grad_barrier` (alone, with nothing for it to
+keep out of the copies, the barrier only costs its loop). PyTorch runs `F.conv2d`, NCHW,
 on its default threads, as `hybrid_flax/torch_twin.py` does. Neither adds the conv's bias. Both
 run in this one process, under the huge-page malloc that `bench` gives both frameworks too
 (PyTorch's convolutions ran up to ~25% slower without it). A round times every layer in JAX,
@@ -33,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from hybrid_flax import models
+from hybrid_flax import onednn_conv
 from hybrid_flax import train
 from hybrid_flax import xla_cpu_flags
 
@@ -65,8 +67,8 @@ def _jax_timers(config, size, cin, cout):
   mesh = train.data_mesh()
   data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   batch, key = config.batch_size, jax.random.PRNGKey(0)
-  barrier = config.model.conv_grad_barrier and jax.default_backend() == 'cpu'
-  op = models.conv_with_grad_barrier if barrier else jax.lax.conv_general_dilated
+  onednn = onednn_conv.use_onednn(config.model.conv_impl, config.model.dtype)
+  op = models.conv_function(size, config.model.conv_grad_barrier, onednn, mesh)
   conv = lambda x, w: op(x, w, (1, 1), ((1, 1), (1, 1)),
                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   x = jax.device_put(jax.random.normal(key, (batch, size, size, cin)), data)

@@ -1,0 +1,209 @@
+"""The 3x3 convolutions through oneDNN on CPUs (`model.conv_impl`), as an XLA FFI custom call.
+
+Why: XLA's CPU backend has no oneDNN convolution (jaxlib 0.10.2 runs Eigen's, or YNNPACK's), and
+on a 2-core Intel Xeon (AVX-512) oneDNN, which PyTorch's CPU convolutions use, runs the
+paper-width model's 3x3 convolutions, forward and both gradients, in about 70% of the time of
+XLA's own (docs/benchmark.md); they are about half the training step. `csrc/onednn_conv.cc` calls
+it: compiled with the host's C++ compiler (`$CXX`, else g++) on first use, against Intel's
+`onednn-cpu-gomp` wheel (`pip install -e ".[onednn]"`), and cached under
+`$HYBRID_FLAX_CACHE` (default `~/.cache/hybrid_flax`).
+
+Each device runs its own share of the batch (`shard_map` over the training mesh) on the host's
+cores divided among the local devices; the weight gradient is summed over the devices. The
+results are the convolution's up to float32 rounding (summation order): tests/test_onednn_conv.py.
+Maps smaller than MIN_SIZE stay with XLA, which is faster there.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+IMPLS = ('auto', 'onednn', 'xla')  # config.model.conv_impl
+# Smaller maps go to XLA: on the 4x4 ones (512 channels, batch 128, 2 devices) oneDNN took
+# 142 ms for forward + both gradients against XLA's 107 (docs/benchmark.md).
+MIN_SIZE = 8
+
+_SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
+_HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad')
+_INSTALL = 'pip install -e ".[onednn]"'
+
+
+class Unavailable(RuntimeError):
+  """oneDNN's convolutions cannot be built or loaded here; the message says why."""
+
+
+def _find(distribution: str, suffix: str) -> pathlib.Path:
+  """The installed file of `distribution` whose path ends with `suffix`."""
+  try:
+    files = importlib.metadata.files(distribution) or []
+  except importlib.metadata.PackageNotFoundError:
+    raise Unavailable(f'{distribution} is not installed ({_INSTALL})') from None
+  for f in files:
+    if str(f).endswith(suffix):
+      return pathlib.Path(f.locate())
+  raise Unavailable(f'{distribution} has no {suffix} ({_INSTALL})')
+
+
+def cache_dir() -> pathlib.Path:
+  default = pathlib.Path(os.environ.get('XDG_CACHE_HOME', pathlib.Path.home() / '.cache'))
+  return pathlib.Path(os.environ.get('HYBRID_FLAX_CACHE', default / 'hybrid_flax'))
+
+
+def _build() -> pathlib.Path:
+  """The compiled handler library, built now unless the cache has this build already."""
+  library = _find('onednn-cpu-gomp', '/libdnnl.so')
+  header = _find('onednn-devel-cpu-gomp', '/oneapi/dnnl/dnnl.hpp')
+  include = header.parent.parent.parent
+  compiler = shutil.which(os.environ.get('CXX', 'g++'))
+  if compiler is None:
+    raise Unavailable(f'no C++ compiler to build {_SOURCE.name} with (set $CXX or install g++)')
+  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', f'-I{include}',
+             f'-I{jax.ffi.include_dir()}', str(_SOURCE), f'-L{library.parent}', '-ldnnl',
+             f'-Wl,-rpath,{library.parent}']
+  # A new source, jaxlib (its FFI headers) or oneDNN gets a new build.
+  key = hashlib.sha256(_SOURCE.read_bytes() + ' '.join(command).encode() +
+                       jax.lib.__version__.encode()).hexdigest()[:16]
+  target = cache_dir() / f'onednn_conv-{key}.so'
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  partial = target.with_suffix(f'.{os.getpid()}.tmp')  # processes building at once never collide
+  result = subprocess.run(command + ['-o', str(partial)], capture_output=True, text=True,
+                          check=False)
+  if result.returncode:
+    partial.unlink(missing_ok=True)
+    raise Unavailable(f'building {_SOURCE.name} failed:\n{result.stderr[-3000:]}')
+  os.replace(partial, target)
+  return target
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """None once the handlers are built and registered with XLA; else why they cannot be."""
+  try:
+    library = ctypes.CDLL(str(_build()))
+  except (Unavailable, OSError) as e:
+    return str(e)
+  for name in _HANDLERS:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform='cpu')
+  return None
+
+
+def check(impl: str) -> None:
+  """Raises ValueError for a `model.conv_impl` that is not one of IMPLS."""
+  if impl not in IMPLS:
+    raise ValueError(f'model.conv_impl must be one of {IMPLS}, got {impl!r}')
+
+
+def _reason_not(dtype) -> str | None:
+  """Why oneDNN cannot run the convs here, for compute `dtype`; None where it can."""
+  if jax.default_backend() != 'cpu':
+    return f'the backend is {jax.default_backend()!r}, not the CPU'
+  if jnp.dtype(dtype) != jnp.float32:
+    return f'the compute dtype is {jnp.dtype(dtype).name}, not float32'
+  return unavailable_reason()
+
+
+def use_onednn(impl: str, dtype) -> bool:
+  """Whether `model.conv_impl` = `impl` runs the convs through oneDNN here, for `dtype`.
+
+  'auto': where it can (CPU backend, float32, oneDNN built); 'xla': never; 'onednn': always,
+  raising ValueError with the reason where it cannot.
+  """
+  check(impl)
+  reason = None if impl == 'xla' else _reason_not(dtype)
+  if reason and impl == 'onednn':
+    raise ValueError(f"model.conv_impl='onednn' cannot run here: {reason}")
+  return impl != 'xla' and reason is None
+
+
+def status(impl: str, dtype) -> str:
+  """One line for the logs: which kernels run the 3x3 convolutions, and why."""
+  if use_onednn(impl, dtype):
+    return (f'3x3 convolutions: oneDNN on maps of {MIN_SIZE}x{MIN_SIZE} and larger, XLA\'s '
+            f'below (model.conv_impl={impl!r})')
+  why = '' if impl == 'xla' else f': {_reason_not(dtype)}'
+  return f'3x3 convolutions: XLA\'s (model.conv_impl={impl!r}{why})'
+
+
+def _threads_per_device(mesh) -> int:
+  """The host's cores shared among this process's devices, at least one each."""
+  if mesh is None:
+    local = 1
+  else:
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
+
+
+def _call(handler: str, shape, threads: int, *operands):
+  out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+  return jax.ffi.ffi_call(handler, out)(*operands, pad=np.int64(1), threads=np.int64(threads))
+
+
+def conv_3x3(mesh):
+  """A `jax.lax.conv_general_dilated` for `nn.Conv`, running 3x3, stride-1, padding-1 NHWC/HWIO
+  float32 convolutions through oneDNN: each device of `mesh` (the batch's split; None: one
+  device) its own share of the batch.
+  """
+  threads = _threads_per_device(mesh)
+  batch = None if mesh is None else P(mesh.axis_names)
+
+  def per_device(fn, in_specs, out_specs, x):
+    # A batch the devices cannot split evenly (`nn.Module.init`'s one example) runs unsplit.
+    if mesh is None or x.shape[0] % mesh.size:
+      return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+  def forward(x, w):
+    fn = lambda x, w: _call(_HANDLERS[0], x.shape[:3] + w.shape[3:], threads, x, w)
+    return per_device(fn, (batch, P()), batch, x)(x, w)
+
+  def input_grad(dy, w):
+    fn = lambda dy, w: _call(_HANDLERS[1], dy.shape[:3] + w.shape[2:3], threads, dy, w)
+    return per_device(fn, (batch, P()), batch, dy)(dy, w)
+
+  def weight_grad(x, dy):
+    fn = lambda x, dy: _call(_HANDLERS[2], (3, 3, x.shape[3], dy.shape[3]), threads, x, dy)
+    if mesh is None or x.shape[0] % mesh.size:
+      return fn(x, dy)
+    summed = lambda x, dy: jax.lax.psum(fn(x, dy), mesh.axis_names)
+    return per_device(summed, (batch, batch), P(), x)(x, dy)
+
+  @jax.custom_vjp
+  def conv(x, w):
+    return forward(x, w)
+
+  def conv_forward(x, w):
+    return forward(x, w), (x, w)
+
+  def conv_backward(saved, dy):
+    x, w = saved
+    return input_grad(dy, w), weight_grad(x, dy)
+
+  conv.defvjp(conv_forward, conv_backward)
+
+  def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                           rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                           precision=None):
+    del dimension_numbers, precision  # nn.Conv's: NHWC inputs, HWIO kernels
+    one = (1, 1)
+    if (tuple(rhs.shape[:2]) != (3, 3) or tuple(window_strides) != one
+        or [tuple(p) for p in padding] != [one, one] or tuple(lhs_dilation or one) != one
+        or tuple(rhs_dilation or one) != one or feature_group_count != 1
+        or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32):
+      raise ValueError(f'oneDNN convs here are 3x3, stride 1, padding 1, float32; got kernel '
+                       f'{rhs.shape} {rhs.dtype}, strides {window_strides}, padding {padding}')
+    return conv(lhs, rhs)
+
+  return conv_general_dilated

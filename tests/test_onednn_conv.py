@@ -1,0 +1,162 @@
+"""oneDNN's 3x3 convolutions (`model.conv_impl`): XLA's values and gradients, and clear refusals."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import cifar_tiny
+from hybrid_flax import models
+from hybrid_flax import onednn_conv
+from hybrid_flax import train
+
+_REASON = onednn_conv.unavailable_reason()
+# CI installs the oneDNN extra and sets this, so these tests cannot pass there by skipping.
+if os.environ.get('HYBRID_FLAX_REQUIRE_ONEDNN') == '1' and _REASON:
+  raise RuntimeError(f'HYBRID_FLAX_REQUIRE_ONEDNN=1 but oneDNN cannot run: {_REASON}')
+needs_onednn = pytest.mark.skipif(_REASON is not None, reason=f'oneDNN unavailable: {_REASON}')
+
+_XLA_CONV = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                              padding=((1, 1), (1, 1)),
+                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _onednn_conv(mesh):
+  conv = onednn_conv.conv_3x3(mesh)
+  return lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)))
+
+
+def _values_and_grads(conv, x, w, dy):
+  return jax.jit(lambda x, w, dy: (conv(x, w), *jax.vjp(conv, x, w)[1](dy)))(x, w, dy)
+
+
+@needs_onednn
+@pytest.mark.parametrize('devices,batch', [(4, 8), (1, 3), (4, 1)])
+def test_conv_3x3_matches_xla_values_and_gradients(devices, batch):
+  """Each device's share (4 devices), one device, and a batch the devices cannot split."""
+  mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(keys[0], (batch, 6, 5, 3))
+  w = jax.random.normal(keys[1], (3, 3, 3, 7))
+  dy = jax.random.normal(keys[2], (batch, 6, 5, 7))
+  if batch % devices == 0:
+    x, dy = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, dy))
+  got = _values_and_grads(_onednn_conv(mesh), x, w, dy)
+  want = _values_and_grads(_XLA_CONV, x, w, dy)
+  for g, ref, name in zip(got, want, ('output', 'input grad', 'kernel grad'), strict=True):
+    assert g.shape == ref.shape, name
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()),
+                               err_msg=name)
+
+
+@needs_onednn
+def test_conv_3x3_with_no_mesh_runs_one_unsplit_call():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 4))
+  np.testing.assert_allclose(jax.jit(_onednn_conv(None))(x, w), jax.jit(_XLA_CONV)(x, w),
+                             rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_conv_3x3_refuses_what_it_does_not_run():
+  conv = onednn_conv.conv_3x3(None)
+  x, w = jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 4, 4))
+  with pytest.raises(ValueError, match='stride 1'):
+    conv(x, w, (2, 2), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match='float32'):
+    conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match='3x3'):
+    conv(x, jnp.zeros((5, 5, 4, 4)), (1, 1), ((2, 2), (2, 2)))
+
+
+@needs_onednn
+def test_the_model_s_gradients_are_xla_s_and_auto_picks_onednn():
+  """The tiny model: 'auto' runs its convs of 8x8 maps and larger through oneDNN, to XLA's
+  gradients; its 4x4 residual block stays with XLA."""
+  config = cifar_tiny.get_config().model
+  assert config.conv_impl == 'auto'  # every config's default, so the training tests run it
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+  on = models.create_model(config)
+  config.conv_impl = 'xla'
+  off = models.create_model(config)
+  assert on.onednn and not off.onednn
+  variables = off.init(jax.random.PRNGKey(1), x, train=False)
+
+  def loss(params, model):
+    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(logits))
+
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  hlo = grad.lower(variables['params'], on).as_text()
+  # conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8); residual2's two
+  # (4x4) stay with XLA.
+  assert hlo.count('custom_call @HfConvForward(') == 6
+  assert hlo.count('custom_call @HfConvWeightGrad(') == 6
+  assert 'HfConv' not in grad.lower(variables['params'], off).as_text()
+  ref = grad(variables['params'], off)
+  largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref))
+  for g, r in zip(jax.tree.leaves(grad(variables['params'], on)), jax.tree.leaves(ref),
+                  strict=True):
+    assert float(jnp.abs(g - r).max()) <= 1e-5 * largest
+
+
+@needs_onednn
+def test_the_sharded_train_step_runs_onednn_on_each_device():
+  """The training step as train.py jits it, batch split over 4 devices: oneDNN in the program,
+  and the same loss as with XLA's convolutions."""
+  losses = {}
+  for impl in ('onednn', 'xla'):
+    config = cifar_tiny.get_config()
+    config.model.conv_impl = impl
+    mesh = train.data_mesh()
+    assert mesh.size == 4
+    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+    lr, init, _ = train.state_factory(config, 10, (32, 32, 3), replicated)
+    state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({
+        'image': rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+        'label': rng.integers(0, 10, (8,), np.int32),
+        'index': np.arange(8, dtype=np.int32), 'mask': np.ones((8,), np.float32)}, data)
+    step = jax.jit(train.make_train_step(config, lr, 10), in_shardings=(replicated, data),
+                   out_shardings=(replicated, replicated))
+    assert ('HfConvForward' in step.lower(state, batch).as_text()) == (impl == 'onednn')
+    state, metrics = step(state, batch)
+    state, metrics = step(state, batch)  # a second step: the first one's update applied
+    losses[impl] = float(metrics['loss'])
+  assert losses['onednn'] == pytest.approx(losses['xla'], rel=1e-4)
+
+
+def test_conv_impl_is_checked_and_refused_with_its_reason():
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    onednn_conv.check('mkldnn')
+  config = cifar_tiny.get_config().model
+  config.conv_impl = 'cudnn'
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    models.create_model(config)
+  assert not onednn_conv.use_onednn('xla', jnp.float32)
+  # bfloat16 compute is for GPUs: 'auto' falls back to XLA, 'onednn' says why it cannot.
+  assert not onednn_conv.use_onednn('auto', jnp.bfloat16)
+  with pytest.raises(ValueError, match='bfloat16, not float32'):
+    onednn_conv.use_onednn('onednn', 'bfloat16')
+  assert 'bfloat16, not float32' in onednn_conv.status('auto', 'bfloat16')
+  assert onednn_conv.status('xla', 'float32') == (
+      "3x3 convolutions: XLA's (model.conv_impl='xla')")
+
+
+def test_a_missing_compiler_or_wheel_is_named(monkeypatch, tmp_path):
+  monkeypatch.setenv('HYBRID_FLAX_CACHE', str(tmp_path))
+  monkeypatch.setattr(onednn_conv, '_find', lambda dist, suffix: tmp_path / 'a' / 'b' / 'c')
+  monkeypatch.setenv('CXX', 'no-such-compiler-hybrid-flax')
+  with pytest.raises(onednn_conv.Unavailable, match='no C.. compiler'):
+    onednn_conv._build()  # pylint: disable=protected-access
+  monkeypatch.undo()
+  with pytest.raises(onednn_conv.Unavailable, match=r'pip install -e "\.\[onednn\]"'):
+    onednn_conv._find('hybrid-flax-no-such-distribution', '/x.so')  # pylint: disable=protected-access
