@@ -8,6 +8,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <string>
 #include <tuple>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -95,48 +97,50 @@ Plan* GetPlan(Kind kind, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oc,
 
 // x: the NHWC input (its gradient for kInputGrad); wgt: the HWIO kernel (its gradient for
 // kWeightGrad); y: the NHWC output (its gradient for the two backward kinds).
-ffi::Error Run(Kind kind, float* x, float* wgt, float* y, int64_t n, int64_t h, int64_t w,
-               int64_t c, int64_t oc, int64_t pad, int64_t threads) {
+void RunOrThrow(Kind kind, float* x, float* wgt, float* y, int64_t n, int64_t h, int64_t w,
+                int64_t c, int64_t oc, int64_t pad, int64_t threads) {
   // Per calling thread: each device's XLA thread runs its own share of the batch.
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-  Plan* plan;
-  try {
-    plan = GetPlan(kind, n, h, w, c, oc, pad, static_cast<int>(threads));
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
-  }
+  Plan* plan = GetPlan(kind, n, h, w, c, oc, pad, static_cast<int>(threads));
   auto& eng = Engine();
   dnnl::stream stream(eng);
   memory::desc src_md({n, c, h, w}, dt::f32, tag::nhwc);
   memory::desc dst_md({n, oc, h, w}, dt::f32, tag::nhwc);
   memory::desc user_wei({oc, c, 3, 3}, dt::f32, tag::hwio);
   memory src(src_md, eng, x), dst(dst_md, eng, y), user_w(user_wei, eng, wgt);
-  memory conv_w = user_w;
   auto aligned = [](size_t bytes) {
-    return std::unique_ptr<void, decltype(&std::free)>(
-        std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64), &std::free);
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return std::unique_ptr<void, decltype(&std::free)>(p, &std::free);
   };
   auto wstore = aligned(plan->reorder_weights ? plan->wei_md.get_size() : 0);
-  if (plan->reorder_weights) conv_w = memory(plan->wei_md, eng, wstore.get());
   auto sstore = aligned(plan->scratch_md.get_size());
+  memory conv_w = plan->reorder_weights ? memory(plan->wei_md, eng, wstore.get()) : user_w;
   memory scratch(plan->scratch_md, eng, sstore.get());
+  if (kind == kForward) {
+    if (plan->reorder_weights) plan->weights_reorder.execute(stream, user_w, conv_w);
+    plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, conv_w},
+                                {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else if (kind == kInputGrad) {
+    if (plan->reorder_weights) plan->weights_reorder.execute(stream, user_w, conv_w);
+    plan->conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, conv_w},
+                                {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else {
+    plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, conv_w},
+                                {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (plan->reorder_weights) plan->weights_reorder.execute(stream, conv_w, user_w);
+  }
+  stream.wait();
+}
+
+ffi::Error Run(Kind kind, float* x, float* wgt, float* y, int64_t n, int64_t h, int64_t w,
+               int64_t c, int64_t oc, int64_t pad, int64_t threads) {
   try {
-    if (kind == kForward) {
-      if (plan->reorder_weights) plan->weights_reorder.execute(stream, user_w, conv_w);
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, conv_w},
-                                  {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else if (kind == kInputGrad) {
-      if (plan->reorder_weights) plan->weights_reorder.execute(stream, user_w, conv_w);
-      plan->conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, conv_w},
-                                  {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else {
-      plan->conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, conv_w},
-                                  {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (plan->reorder_weights) plan->weights_reorder.execute(stream, conv_w, user_w);
-    }
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+    RunOrThrow(kind, x, wgt, y, n, h, w, c, oc, pad, threads);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "oneDNN conv: out of host memory");
+  } catch (const std::exception& e) {  // dnnl::error among them
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN conv: ") + e.what());
   }
   return ffi::Error::Success();
 }
