@@ -454,9 +454,11 @@ class HybridNet(nn.Module):
   to both attention blocks. `logit_scale` multiplies the logits (ResNet-9's 0.125; 1 in the
   paper). `dirac` starts every conv but the first as an identity where it can (`dirac_init`).
   `mesh`: the devices a training step splits its batch over, for the attention's chunked
-  backward pass on CPUs (`attention_grad_chunk_kib`, `SelfAttention`); None turns it off.
+  backward pass on CPUs (`attention_grad_chunk_kib`, `SelfAttention`; None turns it off) and
+  the oneDNN convs' per-device calls (None: one unsplit call).
   `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
-  `onednn`: the convs of 8x8 maps and larger run through oneDNN (`ConvBlock`; CPUs, float32).
+  `onednn`: the convs of maps of at least `onednn_conv.MIN_SIZE` run through oneDNN
+  (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)

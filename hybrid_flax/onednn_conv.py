@@ -2,8 +2,9 @@
 
 Why: XLA's CPU backend has no oneDNN convolution (jaxlib 0.10.2 runs Eigen's, or YNNPACK's), and
 on a 2-core Intel Xeon (AVX-512) oneDNN, which PyTorch's CPU convolutions use, runs the
-paper-width model's 3x3 convolutions, forward and both gradients, in about 70% of the time of
-XLA's own (docs/benchmark.md); they are about half the training step. `csrc/onednn_conv.cc` calls
+paper-width model's 3x3 convolutions on 8x8 maps and larger, forward and both gradients, in
+67-85% of the time of XLA's own, layer by layer (docs/benchmark.md); the convolutions are about
+half the training step. `csrc/onednn_conv.cc` calls
 it: compiled with the host's C++ compiler (`$CXX`, else g++) on first use, against Intel's
 `onednn-cpu-gomp` wheel (`pip install -e ".[onednn]"`), and cached under
 `$HYBRID_FLAX_CACHE` (default `~/.cache/hybrid_flax`).

@@ -16,6 +16,7 @@ from configs import cifar_hybrid_fast
 from configs import cifar_hybrid_noembed
 from configs import cifar_tiny
 from hybrid_flax import models
+from hybrid_flax import onednn_conv
 from hybrid_flax import train
 
 
@@ -241,12 +242,13 @@ def test_conv_grad_barrier_keeps_the_convolutions_values_and_gradients():
   assert 'while' in str(jax.make_jaxpr(lambda x, w: jax.vjp(barrier, x, w)[1](dy))(x, w))
 
 
-def test_conv_grad_barrier_is_a_switch_that_leaves_the_model_s_gradients():
+def _switched_models(field: str, off_value):
+  """The tiny config's model as configured and with `model.<field>` = `off_value`, the
+  parameters, and a jitted gradient of a fixed loss taking (params, model)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
   config = cifar_tiny.get_config().model
-  assert config.conv_grad_barrier  # the paper configs' default, so the training tests run it
   on = models.create_model(config)
-  config.conv_grad_barrier = False
+  config[field] = off_value
   off = models.create_model(config)
   variables = off.init(jax.random.PRNGKey(1), x, train=False)
 
@@ -255,10 +257,32 @@ def test_conv_grad_barrier_is_a_switch_that_leaves_the_model_s_gradients():
                             mutable=['batch_stats'])
     return jnp.sum(jnp.sin(logits))
 
-  grad = jax.jit(jax.grad(loss), static_argnums=1)
-  assert 'while' in str(jax.make_jaxpr(grad, static_argnums=1)(variables['params'], on))
-  assert 'while' not in str(jax.make_jaxpr(grad, static_argnums=1)(variables['params'], off))
-  _assert_grads_agree(grad(variables['params'], on), grad(variables['params'], off), 1e-5)
+  return on, off, variables['params'], jax.jit(jax.grad(loss), static_argnums=1)
+
+
+def test_conv_grad_barrier_is_a_switch_that_leaves_the_model_s_gradients():
+  assert cifar_tiny.get_config().model.conv_grad_barrier  # the paper configs' default
+  # With XLA's convs everywhere: oneDNN's (model.conv_impl) take the barrier's place.
+  on, off, params, grad = _switched_models('conv_grad_barrier', False)
+  on, off = on.clone(onednn=False), off.clone(onednn=False)
+  assert 'while' in str(jax.make_jaxpr(grad, static_argnums=1)(params, on))
+  assert 'while' not in str(jax.make_jaxpr(grad, static_argnums=1)(params, off))
+  _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
+
+
+@pytest.mark.skipif(onednn_conv.unavailable_reason() is not None,
+                    reason=f'oneDNN unavailable: {onednn_conv.unavailable_reason()}')
+def test_conv_impl_auto_runs_the_larger_maps_through_onednn_to_xla_s_gradients():
+  assert cifar_tiny.get_config().model.conv_impl == 'auto'  # every config's default
+  on, off, params, grad = _switched_models('conv_impl', 'xla')
+  assert on.onednn and not off.onednn
+  hlo = grad.lower(params, on).as_text()
+  # conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8); residual2's two
+  # (4x4) stay with XLA.
+  assert hlo.count('custom_call @HfConvForward(') == 6
+  assert hlo.count('custom_call @HfConvWeightGrad(') == 6
+  assert 'HfConv' not in grad.lower(params, off).as_text()
+  _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
 
 
 def test_attention_weights_are_recorded_only_when_asked():

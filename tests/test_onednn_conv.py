@@ -1,4 +1,7 @@
-"""oneDNN's 3x3 convolutions (`model.conv_impl`): XLA's values and gradients, and clear refusals."""
+"""oneDNN's 3x3 convolutions (`model.conv_impl`): XLA's values and gradients, and clear refusals.
+
+The whole model's gradients with them: tests/test_models.py.
+"""
 
 import functools
 import os
@@ -73,38 +76,6 @@ def test_conv_3x3_refuses_what_it_does_not_run():
     conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), ((1, 1), (1, 1)))
   with pytest.raises(ValueError, match='3x3'):
     conv(x, jnp.zeros((5, 5, 4, 4)), (1, 1), ((2, 2), (2, 2)))
-
-
-@needs_onednn
-def test_the_model_s_gradients_are_xla_s_and_auto_picks_onednn():
-  """The tiny model: 'auto' runs its convs of 8x8 maps and larger through oneDNN, to XLA's
-  gradients; its 4x4 residual block stays with XLA."""
-  config = cifar_tiny.get_config().model
-  assert config.conv_impl == 'auto'  # every config's default, so the training tests run it
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
-  on = models.create_model(config)
-  config.conv_impl = 'xla'
-  off = models.create_model(config)
-  assert on.onednn and not off.onednn
-  variables = off.init(jax.random.PRNGKey(1), x, train=False)
-
-  def loss(params, model):
-    logits, _ = model.apply({**variables, 'params': params}, x, train=True,
-                            mutable=['batch_stats'])
-    return jnp.sum(jnp.sin(logits))
-
-  grad = jax.jit(jax.grad(loss), static_argnums=1)
-  hlo = grad.lower(variables['params'], on).as_text()
-  # conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8); residual2's two
-  # (4x4) stay with XLA.
-  assert hlo.count('custom_call @HfConvForward(') == 6
-  assert hlo.count('custom_call @HfConvWeightGrad(') == 6
-  assert 'HfConv' not in grad.lower(variables['params'], off).as_text()
-  ref = grad(variables['params'], off)
-  largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref))
-  for g, r in zip(jax.tree.leaves(grad(variables['params'], on)), jax.tree.leaves(ref),
-                  strict=True):
-    assert float(jnp.abs(g - r).max()) <= 1e-5 * largest
 
 
 @needs_onednn

@@ -169,26 +169,18 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
              d[3], k[3], pad, threads);
 }
 
+// All three: two float32 operands, one float32 result, the padding and the thread count.
+auto Signature() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("pad")
+      .Attr<int64_t>("threads");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HfConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HfConvInputGrad, InputGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HfConvWeightGrad, WeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HfConvForward, Forward, Signature());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HfConvInputGrad, InputGrad, Signature());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HfConvWeightGrad, WeightGrad, Signature());
