@@ -159,9 +159,12 @@ def conv_3x3(mesh):
   threads = _threads_per_device(mesh)
   batch = None if mesh is None else P(mesh.axis_names)
 
-  def per_device(fn, in_specs, out_specs, x):
+  def split(x) -> bool:
     # A batch the devices cannot split evenly (`nn.Module.init`'s one example) runs unsplit.
-    if mesh is None or x.shape[0] % mesh.size:
+    return mesh is not None and x.shape[0] % mesh.size == 0
+
+  def per_device(fn, in_specs, out_specs, x):
+    if not split(x):
       return fn
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)
@@ -176,7 +179,7 @@ def conv_3x3(mesh):
 
   def weight_grad(x, dy):
     fn = lambda x, dy: _call(_HANDLERS[2], (3, 3, x.shape[3], dy.shape[3]), threads, x, dy)
-    if mesh is None or x.shape[0] % mesh.size:
+    if not split(x):
       return fn(x, dy)
     summed = lambda x, dy: jax.lax.psum(fn(x, dy), mesh.axis_names)
     return per_device(summed, (batch, batch), P(), x)(x, dy)
