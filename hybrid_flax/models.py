@@ -209,7 +209,7 @@ def conv_with_grad_barrier(lhs, rhs, *args, **kwargs):
 
 def conv_function(size: int, grad_barrier: bool, onednn: bool, mesh):
   """The `conv_general_dilated` a `ConvBlock` with these switches runs on `size`-wide maps."""
-  if onednn and size >= onednn_conv.MIN_SIZE:
+  if onednn and onednn_conv.covers(size):
     return onednn_conv.conv_3x3(mesh)
   # CPUs only: on a GPU each loop of the barrier would wait for the host.
   if grad_barrier and jax.default_backend() == 'cpu':
@@ -221,7 +221,7 @@ class ConvBlock(nn.Module):
   """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool.
 
   `grad_barrier`, on CPUs: the conv's backward reads stored tensors (`conv_with_grad_barrier`).
-  `onednn`: maps of at least `onednn_conv.MIN_SIZE` go through oneDNN, each device of `mesh`
+  `onednn`: maps oneDNN covers (`onednn_conv.covers`) go through it, each device of `mesh`
   (None: one device) its share of the batch (`onednn_conv.conv_3x3`).
   """
 
@@ -457,7 +457,7 @@ class HybridNet(nn.Module):
   backward pass on CPUs (`attention_grad_chunk_kib`, `SelfAttention`; None turns it off) and
   the oneDNN convs' per-device calls (None: one unsplit call).
   `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
-  `onednn`: the convs of maps of at least `onednn_conv.MIN_SIZE` run through oneDNN
+  `onednn`: the convs of maps oneDNN covers (`onednn_conv.covers`) run through it
   (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`).
   """
 

@@ -12,7 +12,8 @@ it: compiled with the host's C++ compiler (`$CXX`, else g++) on first use, again
 Each device runs its own share of the batch (`shard_map` over the training mesh) on the host's
 cores divided among the local devices; the weight gradient is summed over the devices. The
 results are the convolution's up to float32 rounding (summation order): tests/test_onednn_conv.py.
-Maps smaller than MIN_SIZE stay with XLA, which is faster there.
+On maps narrower than MIN_SIZE the activations go to oneDNN's blocked layout and the weight
+gradient to XLA; below BLOCKED_MIN_SIZE `models.conv_function` leaves all of it to XLA.
 """
 
 import ctypes
@@ -30,9 +31,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 IMPLS = ('auto', 'onednn', 'xla')  # config.model.conv_impl
-# Smaller maps go to XLA: on the 4x4 ones (512 channels, batch 128, 2 devices) oneDNN took
-# 142 ms for forward + both gradients against XLA's 107 (docs/benchmark.md).
+# Maps at least MIN_SIZE wide run all three through oneDNN in XLA's NHWC layout. Smaller ones,
+# down to BLOCKED_MIN_SIZE, run the forward and the input gradient in oneDNN's blocked layout
+# (its NHWC kernels lose to XLA's there, its blocked ones win by more than the reorders cost)
+# and the weight gradient in XLA's, which beats both of oneDNN's; smaller still, all XLA's.
+# docs/benchmark.md has the per-layer timings.
 MIN_SIZE = 8
+BLOCKED_MIN_SIZE = 4
 
 _SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
 _HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad')
@@ -131,8 +136,10 @@ def use_onednn(impl: str, dtype) -> bool:
 def status(impl: str, dtype) -> str:
   """One line for the logs: which kernels run the 3x3 convolutions, and why."""
   if use_onednn(impl, dtype):
-    return (f'3x3 convolutions: oneDNN on maps of {MIN_SIZE}x{MIN_SIZE} and larger, XLA\'s '
-            f'below (model.conv_impl={impl!r})')
+    small, large = (f'{n}x{n}' for n in (BLOCKED_MIN_SIZE, MIN_SIZE))
+    return (f'3x3 convolutions: oneDNN on maps of {small} and larger (below {large} in its '
+            f'blocked layout, with XLA\'s weight gradient), XLA\'s below '
+            f'(model.conv_impl={impl!r})')
   why = '' if impl == 'xla' else f': {_reason_not(dtype)}'
   return f'3x3 convolutions: XLA\'s (model.conv_impl={impl!r}{why})'
 
@@ -146,15 +153,33 @@ def _threads_per_device(mesh) -> int:
   return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
 
 
-def _call(handler: str, shape, threads: int, *operands):
+def covers(size: int) -> bool:
+  """Whether oneDNN runs (some of) the convolutions of `size`-wide maps."""
+  return size >= BLOCKED_MIN_SIZE
+
+
+def _call(handler: str, shape, threads: int, blocked: bool, *operands):
   out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-  return jax.ffi.ffi_call(handler, out)(*operands, pad=np.int64(1), threads=np.int64(threads))
+  return jax.ffi.ffi_call(handler, out)(*operands, pad=np.int64(1), threads=np.int64(threads),
+                                        blocked=np.int64(blocked))
+
+
+def _xla_weight_grad(x, dy, w):
+  conv = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jax.vjp(conv, w)[1](dy)[0]
+
+
+def _small(x) -> bool:
+  """Whether `x`'s maps are narrower than MIN_SIZE: oneDNN's blocked layout, XLA's weight grad."""
+  return min(x.shape[1:3]) < MIN_SIZE
 
 
 def conv_3x3(mesh):
   """A `jax.lax.conv_general_dilated` for `nn.Conv`, running 3x3, stride-1, padding-1 NHWC/HWIO
-  float32 convolutions through oneDNN: each device of `mesh` (the batch's split; None: one
-  device) its own share of the batch.
+  float32 convolutions through oneDNN (on maps narrower than MIN_SIZE the weight gradient
+  through XLA): each device of `mesh` (the batch's split; None: one device) its own share of
+  the batch.
   """
   threads = _threads_per_device(mesh)
   batch = None if mesh is None else P(mesh.axis_names)
@@ -170,15 +195,16 @@ def conv_3x3(mesh):
                          check_vma=False)
 
   def forward(x, w):
-    fn = lambda x, w: _call(_HANDLERS[0], x.shape[:3] + w.shape[3:], threads, x, w)
+    fn = lambda x, w: _call(_HANDLERS[0], x.shape[:3] + w.shape[3:], threads, _small(x), x, w)
     return per_device(fn, (batch, P()), batch, x)(x, w)
 
   def input_grad(dy, w):
-    fn = lambda dy, w: _call(_HANDLERS[1], dy.shape[:3] + w.shape[2:3], threads, dy, w)
+    fn = lambda dy, w: _call(_HANDLERS[1], dy.shape[:3] + w.shape[2:3], threads, _small(dy),
+                             dy, w)
     return per_device(fn, (batch, P()), batch, dy)(dy, w)
 
   def weight_grad(x, dy):
-    fn = lambda x, dy: _call(_HANDLERS[2], (3, 3, x.shape[3], dy.shape[3]), threads, x, dy)
+    fn = lambda x, dy: _call(_HANDLERS[2], (3, 3, x.shape[3], dy.shape[3]), threads, False, x, dy)
     if not split(x):
       return fn(x, dy)
     summed = lambda x, dy: jax.lax.psum(fn(x, dy), mesh.axis_names)
@@ -193,7 +219,7 @@ def conv_3x3(mesh):
 
   def conv_backward(saved, dy):
     x, w = saved
-    return input_grad(dy, w), weight_grad(x, dy)
+    return input_grad(dy, w), _xla_weight_grad(x, dy, w) if _small(x) else weight_grad(x, dy)
 
   conv.defvjp(conv_forward, conv_backward)
 

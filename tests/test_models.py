@@ -272,15 +272,17 @@ def test_conv_grad_barrier_is_a_switch_that_leaves_the_model_s_gradients():
 
 @pytest.mark.skipif(onednn_conv.unavailable_reason() is not None,
                     reason=f'oneDNN unavailable: {onednn_conv.unavailable_reason()}')
-def test_conv_impl_auto_runs_the_larger_maps_through_onednn_to_xla_s_gradients():
+def test_conv_impl_auto_runs_the_convs_through_onednn_to_xla_s_gradients():
   assert cifar_tiny.get_config().model.conv_impl == 'auto'  # every config's default
   on, off, params, grad = _switched_models('conv_impl', 'xla')
   assert on.onednn and not off.onednn
   hlo = grad.lower(params, on).as_text()
-  # conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8); residual2's two
-  # (4x4) stay with XLA.
-  assert hlo.count('custom_call @HfConvForward(') == 6
+  # conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8) all three ways;
+  # residual2's two (4x4) forward and input grad, in the blocked layout, their weight grad XLA's.
+  assert hlo.count('custom_call @HfConvForward(') == 8
+  assert hlo.count('custom_call @HfConvInputGrad(') == 8 - 1  # conv1's input needs no grad
   assert hlo.count('custom_call @HfConvWeightGrad(') == 6
+  assert hlo.count('blocked = 1') == 4
   assert 'HfConv' not in grad.lower(params, off).as_text()
   _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
 

@@ -41,13 +41,18 @@ def _values_and_grads(conv, x, w, dy):
 
 @needs_onednn
 @pytest.mark.parametrize('devices,batch', [(4, 8), (1, 3), (4, 1)])
-def test_conv_3x3_matches_xla_values_and_gradients(devices, batch):
-  """Each device's share (4 devices), one device, and a batch the devices cannot split."""
+@pytest.mark.parametrize('height,width', [(9, 8), (6, 5)])
+def test_conv_3x3_matches_xla_values_and_gradients(devices, batch, height, width):
+  """Each device's share (4 devices), one device, and a batch the devices cannot split; on maps
+  of MIN_SIZE and more (XLA's NHWC) and narrower ones (oneDNN's blocked layout, XLA's weight
+  gradient)."""
+  assert onednn_conv.BLOCKED_MIN_SIZE <= 5 < onednn_conv.MIN_SIZE <= 8
   mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(keys[0], (batch, 6, 5, 3))
-  w = jax.random.normal(keys[1], (3, 3, 3, 7))
-  dy = jax.random.normal(keys[2], (batch, 6, 5, 7))
+  # 17 output channels: more than one of the blocked layout's 16-channel blocks.
+  x = jax.random.normal(keys[0], (batch, height, width, 3))
+  w = jax.random.normal(keys[1], (3, 3, 3, 17))
+  dy = jax.random.normal(keys[2], (batch, height, width, 17))
   if batch % devices == 0:
     x, dy = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, dy))
   got = _values_and_grads(_onednn_conv(mesh), x, w, dy)
