@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from hybrid_flax import distributed
 from hybrid_flax import host_cpu
 from hybrid_flax import input_pipeline
+from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
 from hybrid_flax import train
 from hybrid_flax import xla_cpu_flags
@@ -110,6 +111,8 @@ def main(argv):
   logging.info('Config:\n%s', config)
   try:
     logging.info('%s', onednn_conv.status(config.model.conv_impl, config.model.dtype))
+    logging.info('%s', onednn_attention.status(config.model.attention_kernel,
+                                               config.model.dtype))
     train.train_and_evaluate(config, _WORKDIR.value)
   except (input_pipeline.DatasetUnavailableError, ValueError, train.NonFiniteLossError,
           train.WorkdirBusyError) as e:

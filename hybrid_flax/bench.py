@@ -40,6 +40,7 @@ from ml_collections import config_flags
 
 from hybrid_flax import host_cpu
 from hybrid_flax import input_pipeline
+from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
 from hybrid_flax import train
 from hybrid_flax import xla_cpu_flags
@@ -63,11 +64,11 @@ def _setup(config):
 def _unsharded_state(config):
   """The state's shapes with an optimizer bound to no mesh, for `_flops`' unsharded count.
 
-  Its model runs XLA's convolutions whatever `model.conv_impl` says: XLA's cost analysis counts
-  nothing inside oneDNN's custom calls.
+  Its model runs XLA's convolutions and attention core whatever `model.conv_impl` and
+  `model.attention_kernel` say: XLA's cost analysis counts nothing inside custom calls.
   """
   config = copy.deepcopy(config)
-  config.model.conv_impl = 'xla'
+  config.model.conv_impl = config.model.attention_kernel = 'xla'
   return train.state_factory(config, _STEPS_PER_EPOCH, input_pipeline.IMAGE_SHAPE, None)[2]
 
 
@@ -255,7 +256,8 @@ def report(config, steps: dict, pipeline: dict | str, torch_rounds: list[dict] |
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
            f'embed={config.model.embed}; {host_cpu.describe()}; {host_memory.status()}; '
            f'{xla_cpu_flags.status(config.xla_cpu_convolutions)}; '
-           f'{onednn_conv.status(config.model.conv_impl, config.model.dtype)}',
+           f'{onednn_conv.status(config.model.conv_impl, config.model.dtype)}; '
+           f'{onednn_attention.status(config.model.attention_kernel, config.model.dtype)}',
            f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'
            f'{"GFLOP/img":>11}{"GFLOP/s":>9}']
   for name in ('train', 'eval', 'early'):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here), so the paper's learning
@@ -354,21 +355,28 @@ class SelfAttention(nn.Module):
   # recomputes the scores in chunks of at most this many KiB (`_chunked_attention_core`).
   grad_chunk_kib: int = 0
   mesh: Any = None
+  # The core through the C++ kernel (`onednn_attention`), in the projections' own layout; then
+  # `grad_chunk_kib` is unused.
+  onednn: bool = False
 
   @nn.compact
   def __call__(self, x):
     b, length, c = x.shape
     depth = c // self.num_heads
     dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, depth), dtype=self.dtype)
-    q, k, v = (dense(name=name)(x).transpose(0, 2, 1, 3) for name in ('query', 'key', 'value'))
-    q = q / jnp.sqrt(depth).astype(self.dtype)
+    q, k, v = (dense(name=name)(x) for name in ('query', 'key', 'value'))  # [B, L, H, D]
+    heads_first = lambda a: a.transpose(0, 2, 1, 3)
+    scaled = lambda q: q / jnp.sqrt(depth).astype(self.dtype)
     if self.is_mutable_collection('intermediates'):
-      scores, total = _attention_scores(q, k)
+      scores, total = _attention_scores(scaled(heads_first(q)), heads_first(k))
       self.sow('intermediates', 'attention_weights', (scores / total).astype(self.dtype))
-    core = _attention_core
-    if self.grad_chunk_kib > 0 and self.mesh is not None and jax.default_backend() == 'cpu':
-      core = _chunked_attention_core(self.grad_chunk_kib, self.mesh)
-    y = core(q, k, v).transpose(0, 2, 1, 3)
+    if self.onednn:
+      y = onednn_attention.attention_core(self.mesh)(q, k, v)
+    else:
+      core = _attention_core
+      if self.grad_chunk_kib > 0 and self.mesh is not None and jax.default_backend() == 'cpu':
+        core = _chunked_attention_core(self.grad_chunk_kib, self.mesh)
+      y = heads_first(core(scaled(heads_first(q)), heads_first(k), heads_first(v)))
     return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, name='out')(y)
 
 
@@ -381,7 +389,8 @@ class AttentionBlock(nn.Module):
   'layer'; not in the paper) normalises the block's output, which the paper's block leaves
   unbounded (the second block reaches the classifier through a residual block and a max-pool
   only): a switch for testing whether that is what makes large learning rates diverge.
-  `grad_chunk_kib` and `mesh` go to `SelfAttention`.
+  `grad_chunk_kib`, `mesh` and `onednn` (the core through the C++ kernel, 'deferred' only) go
+  to `SelfAttention`.
   """
 
   num_heads: int
@@ -393,6 +402,7 @@ class AttentionBlock(nn.Module):
   dtype: Any = jnp.float32
   grad_chunk_kib: int = 0
   mesh: Any = None
+  onednn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -406,7 +416,7 @@ class AttentionBlock(nn.Module):
     # mutable (the attention-map tool); training never pays for it.
     if self.impl == 'deferred':
       x = SelfAttention(self.num_heads, dtype=self.dtype, grad_chunk_kib=self.grad_chunk_kib,
-                        mesh=self.mesh, name='mhsa')(x) + x
+                        mesh=self.mesh, onednn=self.onednn, name='mhsa')(x) + x
     elif self.impl == 'flax':
       attn = nn.MultiHeadDotProductAttention(
           num_heads=self.num_heads, qkv_features=c, out_features=c, dtype=self.dtype, name='mhsa'
@@ -459,6 +469,8 @@ class HybridNet(nn.Module):
   `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
   `onednn`: the convs of maps oneDNN covers (`onednn_conv.covers`) run through it
   (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`).
+  `attention_onednn`: the attention core runs through the C++ kernel (`onednn_attention`; from
+  `model.attention_kernel`).
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -479,6 +491,7 @@ class HybridNet(nn.Module):
   mesh: Any = None
   conv_grad_barrier: bool = False
   onednn: bool = False
+  attention_onednn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -494,7 +507,8 @@ class HybridNet(nn.Module):
                            impl=self.attention_impl,
                            bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
                            dtype=self.dtype, grad_chunk_kib=self.attention_grad_chunk_kib,
-                           mesh=self.mesh, name=f'attention{stage + 1}')(x, train)
+                           mesh=self.mesh, onednn=self.attention_onednn,
+                           name=f'attention{stage + 1}')(x, train)
       x = ResidualBlock(bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
                         dirac=self.dirac, dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
                         onednn=self.onednn, mesh=self.mesh, name=f'residual{stage + 1}')(x, train)
@@ -543,6 +557,10 @@ def validate_model_config(model_config) -> None:
     raise ValueError(f'model.attention_grad_chunk_kib must be >= 0 (0: off), '
                      f'got {model_config.attention_grad_chunk_kib}')
   onednn_conv.check(model_config.conv_impl)
+  onednn_conv.check(model_config.attention_kernel, 'attention_kernel')
+  if model_config.attention_kernel == 'onednn' and model_config.attention_impl != 'deferred':
+    raise ValueError(f"model.attention_kernel='onednn' runs the 'deferred' core, not "
+                     f"model.attention_impl={model_config.attention_impl!r}")
   if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
 
@@ -569,4 +587,6 @@ def create_model(model_config, mesh=None) -> HybridNet:
       mesh=mesh,
       conv_grad_barrier=model_config.conv_grad_barrier,
       onednn=onednn_conv.use_onednn(model_config.conv_impl, DTYPES[model_config.dtype]),
+      attention_onednn=model_config.attention_impl == 'deferred' and onednn_conv.use_onednn(
+          model_config.attention_kernel, DTYPES[model_config.dtype], 'attention_kernel'),
   )

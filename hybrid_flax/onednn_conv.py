@@ -39,8 +39,12 @@ IMPLS = ('auto', 'onednn', 'xla')  # config.model.conv_impl
 MIN_SIZE = 8
 BLOCKED_MIN_SIZE = 4
 
-_SOURCE = pathlib.Path(__file__).with_name('csrc') / 'onednn_conv.cc'
+# One library for all the C++ kernels: these convolutions and the attention core
+# (`onednn_attention`, which calls oneDNN's sgemm).
+_SOURCES = tuple(pathlib.Path(__file__).with_name('csrc') / name
+                 for name in ('onednn_conv.cc', 'attention.cc'))
 _HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad')
+_OTHER_HANDLERS = ('HfAttentionForward', 'HfAttentionBackward')
 _INSTALL = 'pip install -e ".[onednn]"'
 
 
@@ -70,15 +74,17 @@ def _build() -> pathlib.Path:
   library = _find('onednn-cpu-gomp', '/libdnnl.so')
   header = _find('onednn-devel-cpu-gomp', '/oneapi/dnnl/dnnl.hpp')
   include = header.parent.parent.parent
+  names = ' and '.join(source.name for source in _SOURCES)
   compiler = shutil.which(os.environ.get('CXX', 'g++'))
   if compiler is None:
-    raise Unavailable(f'no C++ compiler to build {_SOURCE.name} with (set $CXX or install g++)')
-  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', f'-I{include}',
-             f'-I{jax.ffi.include_dir()}', str(_SOURCE), f'-L{library.parent}', '-ldnnl',
+    raise Unavailable(f'no C++ compiler to build {names} with (set $CXX or install g++)')
+  # -O3: the attention's softmax loops must vectorize.
+  command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', f'-I{include}',
+             f'-I{jax.ffi.include_dir()}', *map(str, _SOURCES), f'-L{library.parent}', '-ldnnl',
              f'-Wl,-rpath,{library.parent}']
   # A new source, jaxlib (its FFI headers) or oneDNN gets a new build.
-  key = hashlib.sha256(_SOURCE.read_bytes() + ' '.join(command).encode() +
-                       jax.lib.__version__.encode()).hexdigest()[:16]
+  key = hashlib.sha256(b''.join(source.read_bytes() for source in _SOURCES) +
+                       ' '.join(command).encode() + jax.lib.__version__.encode()).hexdigest()[:16]
   target = cache_dir() / f'onednn_conv-{key}.so'
   if target.exists():
     return target
@@ -88,7 +94,7 @@ def _build() -> pathlib.Path:
                           check=False)
   if result.returncode:
     partial.unlink(missing_ok=True)
-    raise Unavailable(f'building {_SOURCE.name} failed:\n{result.stderr[-3000:]}')
+    raise Unavailable(f'building {names} failed:\n{result.stderr[-3000:]}')
   os.replace(partial, target)
   return target
 
@@ -100,18 +106,18 @@ def unavailable_reason() -> str | None:
     library = ctypes.CDLL(str(_build()))
   except (Unavailable, OSError) as e:
     return str(e)
-  for name in _HANDLERS:
+  for name in _HANDLERS + _OTHER_HANDLERS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform='cpu')
   return None
 
 
-def check(impl: str) -> None:
-  """Raises ValueError for a `model.conv_impl` that is not one of IMPLS."""
+def check(impl: str, field: str = 'conv_impl') -> None:
+  """Raises ValueError for a `model.<field>` (conv_impl or attention_kernel) not in IMPLS."""
   if impl not in IMPLS:
-    raise ValueError(f'model.conv_impl must be one of {IMPLS}, got {impl!r}')
+    raise ValueError(f'model.{field} must be one of {IMPLS}, got {impl!r}')
 
 
-def _reason_not(dtype) -> str | None:
+def reason_not_here(dtype) -> str | None:
   """Why oneDNN cannot run the convs here, for compute `dtype`; None where it can."""
   if jax.default_backend() != 'cpu':
     return f'the backend is {jax.default_backend()!r}, not the CPU'
@@ -120,16 +126,17 @@ def _reason_not(dtype) -> str | None:
   return unavailable_reason()
 
 
-def use_onednn(impl: str, dtype) -> bool:
-  """Whether `model.conv_impl` = `impl` runs the convs through oneDNN here, for `dtype`.
+def use_onednn(impl: str, dtype, field: str = 'conv_impl') -> bool:
+  """Whether `model.<field>` = `impl` runs its kernels (the convs; `model.attention_kernel`:
+  the attention core) through oneDNN here, for `dtype`.
 
   'auto': where it can (CPU backend, float32, oneDNN built); 'xla': never; 'onednn': always,
   raising ValueError with the reason where it cannot.
   """
-  check(impl)
-  reason = None if impl == 'xla' else _reason_not(dtype)
+  check(impl, field)
+  reason = None if impl == 'xla' else reason_not_here(dtype)
   if reason and impl == 'onednn':
-    raise ValueError(f"model.conv_impl='onednn' cannot run here: {reason}")
+    raise ValueError(f"model.{field}='onednn' cannot run here: {reason}")
   return impl != 'xla' and reason is None
 
 
@@ -140,17 +147,31 @@ def status(impl: str, dtype) -> str:
     return (f'3x3 convolutions: oneDNN on maps of {small} and larger (below {large} in its '
             f'blocked layout, with XLA\'s weight gradient), XLA\'s below '
             f'(model.conv_impl={impl!r})')
-  why = '' if impl == 'xla' else f': {_reason_not(dtype)}'
+  why = '' if impl == 'xla' else f': {reason_not_here(dtype)}'
   return f'3x3 convolutions: XLA\'s (model.conv_impl={impl!r}{why})'
 
 
-def _threads_per_device(mesh) -> int:
+def threads_per_device(mesh) -> int:
   """The host's cores shared among this process's devices, at least one each."""
   if mesh is None:
     local = 1
   else:
     local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
+
+
+def splits(mesh, batch_size: int) -> bool:
+  """Whether the devices of `mesh` split a batch of `batch_size`: a batch they cannot split
+  evenly (`nn.Module.init`'s one example) runs unsplit."""
+  return mesh is not None and batch_size % mesh.size == 0
+
+
+def on_each_device(mesh, fn, in_specs, out_specs, batch_size: int):
+  """`fn` on each device's share of the batch (`shard_map` over `mesh`), or `fn` itself where
+  `splits` says the batch stays whole."""
+  if not splits(mesh, batch_size):
+    return fn
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def covers(size: int) -> bool:
@@ -181,34 +202,24 @@ def conv_3x3(mesh):
   through XLA): each device of `mesh` (the batch's split; None: one device) its own share of
   the batch.
   """
-  threads = _threads_per_device(mesh)
+  threads = threads_per_device(mesh)
   batch = None if mesh is None else P(mesh.axis_names)
-
-  def split(x) -> bool:
-    # A batch the devices cannot split evenly (`nn.Module.init`'s one example) runs unsplit.
-    return mesh is not None and x.shape[0] % mesh.size == 0
-
-  def per_device(fn, in_specs, out_specs, x):
-    if not split(x):
-      return fn
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
 
   def forward(x, w):
     fn = lambda x, w: _call(_HANDLERS[0], x.shape[:3] + w.shape[3:], threads, _small(x), x, w)
-    return per_device(fn, (batch, P()), batch, x)(x, w)
+    return on_each_device(mesh, fn, (batch, P()), batch, x.shape[0])(x, w)
 
   def input_grad(dy, w):
     fn = lambda dy, w: _call(_HANDLERS[1], dy.shape[:3] + w.shape[2:3], threads, _small(dy),
                              dy, w)
-    return per_device(fn, (batch, P()), batch, dy)(dy, w)
+    return on_each_device(mesh, fn, (batch, P()), batch, dy.shape[0])(dy, w)
 
   def weight_grad(x, dy):
     fn = lambda x, dy: _call(_HANDLERS[2], (3, 3, x.shape[3], dy.shape[3]), threads, False, x, dy)
-    if not split(x):
+    if not splits(mesh, x.shape[0]):
       return fn(x, dy)
     summed = lambda x, dy: jax.lax.psum(fn(x, dy), mesh.axis_names)
-    return per_device(summed, (batch, batch), P(), x)(x, dy)
+    return on_each_device(mesh, summed, (batch, batch), P(), x.shape[0])(x, dy)
 
   @jax.custom_vjp
   def conv(x, w):

@@ -202,7 +202,8 @@ def test_training_state_uses_the_chunked_attention_backward_on_its_mesh():
   for kib, expected in ((1024, True), (0, False)):
     config = cifar_tiny.get_config()
     config.model.attention_grad_chunk_kib = kib
-    config.model.conv_impl = 'xla'  # oneDNN's convs split the batch with shard_maps of their own
+    # oneDNN's convs and the attention kernel split the batch with shard_maps of their own.
+    config.model.conv_impl = config.model.attention_kernel = 'xla'
     _, init, _ = train.state_factory(config, 10, (32, 32, 3), replicated)
     state = jax.eval_shape(init, jax.random.PRNGKey(0))
     assert state.apply_fn.__self__.mesh is mesh
@@ -285,6 +286,24 @@ def test_conv_impl_auto_runs_the_convs_through_onednn_to_xla_s_gradients():
   assert hlo.count('blocked = 1') == 4
   assert 'HfConv' not in grad.lower(params, off).as_text()
   _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
+
+
+@pytest.mark.skipif(onednn_conv.unavailable_reason() is not None,
+                    reason=f'oneDNN unavailable: {onednn_conv.unavailable_reason()}')
+def test_attention_kernel_auto_runs_both_cores_through_the_kernel_to_xla_s_gradients():
+  assert cifar_tiny.get_config().model.attention_kernel == 'auto'  # every config's default
+  on, off, params, grad = _switched_models('attention_kernel', 'xla')
+  assert on.attention_onednn and not off.attention_onednn
+  hlo = grad.lower(params, on).as_text()
+  assert hlo.count('custom_call @HfAttentionForward(') == 2
+  assert hlo.count('custom_call @HfAttentionBackward(') == 2
+  assert 'HfAttention' not in grad.lower(params, off).as_text()
+  _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
+  # The attention-map tool's weights are the same either way.
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
+  weights = [m.apply({**off.init(jax.random.PRNGKey(1), x), 'params': params}, x,
+                     mutable=['intermediates'])[1]['intermediates'] for m in (on, off)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *weights)
 
 
 def test_attention_weights_are_recorded_only_when_asked():

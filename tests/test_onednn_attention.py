@@ -1,0 +1,82 @@
+"""The C++ attention core (`model.attention_kernel`): XLA's values and gradients, and refusals.
+
+The whole model with it: tests/test_models.py.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import cifar_tiny
+from hybrid_flax import models
+from hybrid_flax import onednn_attention
+from hybrid_flax import onednn_conv
+
+_REASON = onednn_conv.unavailable_reason()
+# CI installs the oneDNN extra and sets this, so these tests cannot pass there by skipping.
+if os.environ.get('HYBRID_FLAX_REQUIRE_ONEDNN') == '1' and _REASON:
+  raise RuntimeError(f'HYBRID_FLAX_REQUIRE_ONEDNN=1 but oneDNN cannot run: {_REASON}')
+needs_onednn = pytest.mark.skipif(_REASON is not None, reason=f'oneDNN unavailable: {_REASON}')
+
+
+def _xla_core(q, k, v):
+  """`models._attention_core` on the kernel's [batch, length, heads, depth] layout."""
+  heads_first = lambda a: a.transpose(0, 2, 1, 3)
+  q = q / np.sqrt(q.shape[-1]).astype(np.float32)
+  return heads_first(models._attention_core(*map(heads_first, (q, k, v))))  # pylint: disable=protected-access
+
+
+def _values_and_grads(core, q, k, v, dy):
+  return jax.jit(lambda q, k, v, dy: (core(q, k, v), *jax.vjp(core, q, k, v)[1](dy)))(q, k, v, dy)
+
+
+@needs_onednn
+@pytest.mark.parametrize('devices,batch,length,heads,depth', [
+    (4, 8, 16, 2, 8),  # each device's share
+    (1, 3, 37, 3, 5),  # one device; a length and depth no vector width divides
+    (4, 2, 9, 1, 16),  # a batch the devices cannot split runs whole
+])
+def test_core_matches_xla_values_and_gradients(devices, batch, length, heads, depth):
+  mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  # Scores spread over a few units, so the softmax is neither flat nor one-hot.
+  q, k, v, dy = (2 * jax.random.normal(key, (batch, length, heads, depth)) for key in keys)
+  if batch % devices == 0:
+    q, k, v, dy = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (q, k, v, dy))
+  got = _values_and_grads(onednn_attention.attention_core(mesh), q, k, v, dy)
+  want = _values_and_grads(_xla_core, q, k, v, dy)
+  for g, ref, name in zip(got, want, ('output', 'dq', 'dk', 'dv'), strict=True):
+    assert g.shape == ref.shape, name
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()),
+                               err_msg=name)
+
+
+@needs_onednn
+def test_core_refuses_what_it_does_not_run():
+  core = onednn_attention.attention_core(None)
+  x = jnp.zeros((2, 4, 2, 8))
+  with pytest.raises(ValueError, match='float32'):
+    core(x.astype(jnp.bfloat16), x, x)
+  with pytest.raises(ValueError, match='one shape'):
+    core(x, x[:, :3], x)
+
+
+def test_attention_kernel_is_checked_and_refused_with_its_reason():
+  config = cifar_tiny.get_config().model
+  config.attention_kernel = 'fused'
+  with pytest.raises(ValueError, match='attention_kernel must be one of'):
+    models.create_model(config)
+  config.attention_kernel, config.attention_impl = 'onednn', 'flax'
+  with pytest.raises(ValueError, match="runs the 'deferred' core"):
+    models.create_model(config)
+  assert not onednn_conv.use_onednn('auto', jnp.bfloat16, 'attention_kernel')
+  with pytest.raises(ValueError, match="attention_kernel='onednn' cannot run here: .*bfloat16"):
+    onednn_conv.use_onednn('onednn', 'bfloat16', 'attention_kernel')
+  assert onednn_attention.status('xla', 'float32') == (
+      "attention core: XLA's (model.attention_kernel='xla')")
