@@ -56,9 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA's own, 'auto' oneDNN where it can run (CPU, float32, installed) and XLA's elsewhere.
   # The same convolutions up to float32 rounding.
   config.model.conv_impl = 'auto'
-  # The 'deferred' attention core: 'onednn' through a C++ kernel (hybrid_flax/onednn_attention.py:
-  # per (example, head) the scores stay in cache, oneDNN's sgemm for the products; then
-  # attention_grad_chunk_kib is unused), 'xla' XLA's, 'auto' the kernel where it can run (CPU,
+  # The attention blocks ('deferred' core): 'onednn' runs the core as a C++ kernel
+  # (hybrid_flax/onednn_attention.py: per (example, head) the scores stay in cache, oneDNN's
+  # sgemm for the products; then attention_grad_chunk_kib is unused) and the dense layers through
+  # oneDNN's sgemm (onednn_dense.py), 'xla' XLA's, 'auto' the kernels where they can run (CPU,
   # float32, built as for conv_impl). The same function up to float32 rounding.
   config.model.attention_kernel = 'auto'
   config.model.logit_scale = 1.0

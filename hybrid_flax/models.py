@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
+from hybrid_flax import onednn_dense
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here), so the paper's learning
 # rate sees the same normalisation statistics.
@@ -337,6 +338,12 @@ def _chunked_attention_core(chunk_kib: int, mesh):
   return core
 
 
+def _dense_products(onednn: bool, mesh) -> dict:
+  """The `nn.Dense` arguments for an attention block's dense layers: oneDNN's sgemm where
+  `onednn` (`onednn_dense`), each device of `mesh` its share of the batch; else XLA's dots."""
+  return {'dot_general': onednn_dense.dot_general(mesh)} if onednn else {}
+
+
 class SelfAttention(nn.Module):
   """Multi-head self-attention with `nn.MultiHeadDotProductAttention`'s parameters and math.
 
@@ -363,7 +370,9 @@ class SelfAttention(nn.Module):
   def __call__(self, x):
     b, length, c = x.shape
     depth = c // self.num_heads
-    dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, depth), dtype=self.dtype)
+    products = _dense_products(self.onednn, self.mesh)
+    dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, depth), dtype=self.dtype,
+                              **products)
     q, k, v = (dense(name=name)(x) for name in ('query', 'key', 'value'))  # [B, L, H, D]
     heads_first = lambda a: a.transpose(0, 2, 1, 3)
     scaled = lambda q: q / jnp.sqrt(depth).astype(self.dtype)
@@ -377,7 +386,7 @@ class SelfAttention(nn.Module):
       if self.grad_chunk_kib > 0 and self.mesh is not None and jax.default_backend() == 'cpu':
         core = _chunked_attention_core(self.grad_chunk_kib, self.mesh)
       y = heads_first(core(scaled(heads_first(q)), heads_first(k), heads_first(v)))
-    return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, name='out')(y)
+    return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, name='out', **products)(y)
 
 
 class AttentionBlock(nn.Module):
@@ -410,8 +419,9 @@ class AttentionBlock(nn.Module):
     if c % self.num_heads:
       raise ValueError(f'{c} channels do not split into {self.num_heads} attention heads')
     x = x.reshape(b, h * w, c)
+    products = _dense_products(self.onednn, self.mesh)
     if self.embed:
-      x = nn.Dense(c, dtype=self.dtype, name='embed_in')(x)
+      x = nn.Dense(c, dtype=self.dtype, name='embed_in', **products)(x)
     # Both record the (B, heads, HW, HW) weights only when the caller makes 'intermediates'
     # mutable (the attention-map tool); training never pays for it.
     if self.impl == 'deferred':
@@ -425,7 +435,7 @@ class AttentionBlock(nn.Module):
     else:
       raise ValueError(f'attention impl must be one of {ATTENTION_IMPLS}, got {self.impl!r}')
     if self.embed:
-      x = nn.Dense(c, dtype=self.dtype, name='embed_out')(x)
+      x = nn.Dense(c, dtype=self.dtype, name='embed_out', **products)(x)
     if self.norm == 'batch':
       x = batch_norm(train, self.bn_group_size, self.bn_momentum, self.dtype, 'norm')(x)
     elif self.norm == 'layer':

@@ -12,8 +12,9 @@ from the forward's row log-sum-exps and runs five sgemms. On a 2-core Intel Xeon
 2 devices) that core's forward took 38 ms against XLA's 60 and forward + backward 108 against
 189 (docs/benchmark.md).
 
-Built and loaded with the convolutions' handlers (`onednn_conv`), whose switch semantics it
-shares: 'auto' runs it on a CPU backend with float32 compute where oneDNN is built, 'xla' never,
+The same switch moves the blocks' dense layers (embeddings and projections) to oneDNN's sgemm
+(`onednn_dense`). Built and loaded with the convolutions' handlers (`onednn_conv`), whose switch
+semantics it shares: 'auto' runs it on a CPU backend with float32 compute where oneDNN is built, 'xla' never,
 'onednn' always or refuses. Each device runs its own share of the batch under `shard_map`, on
 its share of the host's cores. The results are the core's up to float32 rounding (summation
 order; exp to within 1e-7 relative): tests/test_onednn_attention.py.
@@ -28,11 +29,12 @@ from hybrid_flax import onednn_conv
 
 
 def status(impl: str, dtype) -> str:
-  """One line for the logs: what runs the attention core, and why."""
+  """One line for the logs: what runs the attention blocks' core and dense layers, and why."""
   if onednn_conv.use_onednn(impl, dtype, 'attention_kernel'):
-    return f"attention core: the oneDNN-sgemm kernel (model.attention_kernel={impl!r})"
+    return ("attention blocks: the C++ core and oneDNN's sgemm for the dense layers "
+            f"(model.attention_kernel={impl!r})")
   why = '' if impl == 'xla' else f': {onednn_conv.reason_not_here(dtype)}'
-  return f"attention core: XLA's (model.attention_kernel={impl!r}{why})"
+  return f"attention blocks: XLA's (model.attention_kernel={impl!r}{why})"
 
 
 def attention_core(mesh):

@@ -14,6 +14,10 @@ cores divided among the local devices; the weight gradient is summed over the de
 results are the convolution's up to float32 rounding (summation order): tests/test_onednn_conv.py.
 On maps narrower than MIN_SIZE the activations go to oneDNN's blocked layout and the weight
 gradient to XLA; below BLOCKED_MIN_SIZE `models.conv_function` leaves all of it to XLA.
+
+The same library carries the attention core's handlers (`csrc/attention.cc`,
+`onednn_attention`), so this module builds, loads and gates both, and hands them the per-device
+helpers (`threads_per_device`, `on_each_device`).
 """
 
 import ctypes
@@ -42,9 +46,9 @@ BLOCKED_MIN_SIZE = 4
 # One library for all the C++ kernels: these convolutions and the attention core
 # (`onednn_attention`, which calls oneDNN's sgemm).
 _SOURCES = tuple(pathlib.Path(__file__).with_name('csrc') / name
-                 for name in ('onednn_conv.cc', 'attention.cc'))
+                 for name in ('onednn_conv.cc', 'attention.cc', 'dense.cc'))
 _HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad')
-_OTHER_HANDLERS = ('HfAttentionForward', 'HfAttentionBackward')
+_OTHER_HANDLERS = ('HfAttentionForward', 'HfAttentionBackward', 'HfMatmul')
 _INSTALL = 'pip install -e ".[onednn]"'
 
 
@@ -118,7 +122,8 @@ def check(impl: str, field: str = 'conv_impl') -> None:
 
 
 def reason_not_here(dtype) -> str | None:
-  """Why oneDNN cannot run the convs here, for compute `dtype`; None where it can."""
+  """Why the C++ kernels (the convs, the attention core) cannot run here, for compute `dtype`;
+  None where they can."""
   if jax.default_backend() != 'cpu':
     return f'the backend is {jax.default_backend()!r}, not the CPU'
   if jnp.dtype(dtype) != jnp.float32:

@@ -297,6 +297,9 @@ def test_attention_kernel_auto_runs_both_cores_through_the_kernel_to_xla_s_gradi
   hlo = grad.lower(params, on).as_text()
   assert hlo.count('custom_call @HfAttentionForward(') == 2
   assert hlo.count('custom_call @HfAttentionBackward(') == 2
+  # Each block's six dense layers (embed in and out, q, k, v, out): forward, input gradient
+  # and kernel gradient.
+  assert hlo.count('custom_call @HfMatmul(') == 2 * 6 * 3
   assert 'HfAttention' not in grad.lower(params, off).as_text()
   _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
   # The attention-map tool's weights are the same either way.

@@ -1,4 +1,5 @@
-"""The C++ attention core (`model.attention_kernel`): XLA's values and gradients, and refusals.
+"""The attention blocks' C++ kernels (`model.attention_kernel`): the core and the dense layers'
+sgemm products, against XLA's values and gradients, and their refusals.
 
 The whole model with it: tests/test_models.py.
 """
@@ -17,6 +18,7 @@ from configs import cifar_tiny
 from hybrid_flax import models
 from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
+from hybrid_flax import onednn_dense
 
 _REASON = onednn_conv.unavailable_reason()
 # CI installs the oneDNN extra and sets this, so these tests cannot pass there by skipping.
@@ -58,6 +60,43 @@ def test_core_matches_xla_values_and_gradients(devices, batch, length, heads, de
 
 
 @needs_onednn
+@pytest.mark.parametrize('devices,x_shape,w_shape', [
+    (4, (8, 5, 6), (6, 7)),  # nn.Dense on each device's share
+    (4, (8, 5, 6), (6, 2, 3)),  # DenseGeneral to (heads, depth): q, k, v
+    (1, (3, 5, 2, 3), (2, 3, 6)),  # DenseGeneral from (heads, depth), one device: out
+    (4, (2, 6), (6, 4)),  # a batch the devices cannot split runs whole
+])
+def test_dense_products_match_xla_values_and_gradients(devices, x_shape, w_shape):
+  mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
+  contracted = 2 if len(w_shape) == 3 and x_shape[-2:] == w_shape[:2] else 1
+  numbers = ((tuple(range(len(x_shape) - contracted, len(x_shape))), tuple(range(contracted))),
+             ((), ()))
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
+  if x_shape[0] % devices == 0:
+    x = jax.device_put(x, NamedSharding(mesh, P('data')))
+  ours = lambda x, w: onednn_dense.dot_general(mesh)(x, w, numbers)
+  xla = lambda x, w: jax.lax.dot_general(x, w, numbers)
+  dy = jax.random.normal(keys[2], jax.eval_shape(xla, x, w).shape)
+  grads = lambda f: jax.jit(lambda x, w, dy: (f(x, w), *jax.vjp(f, x, w)[1](dy)))(x, w, dy)
+  for g, ref, name in zip(grads(ours), grads(xla), ('output', 'input grad', 'kernel grad'),
+                          strict=True):
+    assert g.shape == ref.shape, name
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()),
+                               err_msg=name)
+
+
+@needs_onednn
+def test_dense_products_refuse_what_they_do_not_run():
+  ours = onednn_dense.dot_general(None)
+  x, w = jnp.zeros((2, 3)), jnp.zeros((3, 4))
+  with pytest.raises(ValueError, match='float32'):
+    ours(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (((1,), (0,)), ((), ())))
+  with pytest.raises(ValueError, match='no batch axes'):
+    ours(x, w.T, (((1,), (1,)), ((), ())))
+
+
+@needs_onednn
 def test_core_refuses_what_it_does_not_run():
   core = onednn_attention.attention_core(None)
   x = jnp.zeros((2, 4, 2, 8))
@@ -79,4 +118,4 @@ def test_attention_kernel_is_checked_and_refused_with_its_reason():
   with pytest.raises(ValueError, match="attention_kernel='onednn' cannot run here: .*bfloat16"):
     onednn_conv.use_onednn('onednn', 'bfloat16', 'attention_kernel')
   assert onednn_attention.status('xla', 'float32') == (
-      "attention core: XLA's (model.attention_kernel='xla')")
+      "attention blocks: XLA's (model.attention_kernel='xla')")
