@@ -271,37 +271,44 @@ def test_conv_grad_barrier_is_a_switch_that_leaves_the_model_s_gradients():
   _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
 
 
-@pytest.mark.skipif(onednn_conv.unavailable_reason() is not None,
-                    reason=f'oneDNN unavailable: {onednn_conv.unavailable_reason()}')
+needs_onednn = pytest.mark.skipif(onednn_conv.unavailable_reason() is not None,
+                                  reason=f'oneDNN unavailable: {onednn_conv.unavailable_reason()}')
+
+
+def _custom_calls_with_xla_s_gradients(field: str, flag: str, counts: dict):
+  """`model.<field>`'s 'auto' (every config's default) against 'xla': the model flag it sets,
+  each custom call's count in the gradient's HLO (none with 'xla'), and XLA's gradients.
+  Returns the two models and the parameters."""
+  assert cifar_tiny.get_config().model[field] == 'auto'
+  on, off, params, grad = _switched_models(field, 'xla')
+  assert getattr(on, flag) and not getattr(off, flag)
+  hlo, off_hlo = (grad.lower(params, model).as_text() for model in (on, off))
+  for text, count in counts.items():
+    assert hlo.count(text) == count, text
+    assert text not in off_hlo, text
+  _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
+  return on, off, params
+
+
+@needs_onednn
 def test_conv_impl_auto_runs_the_convs_through_onednn_to_xla_s_gradients():
-  assert cifar_tiny.get_config().model.conv_impl == 'auto'  # every config's default
-  on, off, params, grad = _switched_models('conv_impl', 'xla')
-  assert on.onednn and not off.onednn
-  hlo = grad.lower(params, on).as_text()
   # conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8) all three ways;
   # residual2's two (4x4) forward and input grad, in the blocked layout, their weight grad XLA's.
-  assert hlo.count('custom_call @HfConvForward(') == 8
-  assert hlo.count('custom_call @HfConvInputGrad(') == 8 - 1  # conv1's input needs no grad
-  assert hlo.count('custom_call @HfConvWeightGrad(') == 6
-  assert hlo.count('blocked = 1') == 4
-  assert 'HfConv' not in grad.lower(params, off).as_text()
-  _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
+  _custom_calls_with_xla_s_gradients('conv_impl', 'onednn', {
+      'custom_call @HfConvForward(': 8,
+      'custom_call @HfConvInputGrad(': 8 - 1,  # conv1's input needs no gradient
+      'custom_call @HfConvWeightGrad(': 6,
+      'blocked = 1': 4})
 
 
-@pytest.mark.skipif(onednn_conv.unavailable_reason() is not None,
-                    reason=f'oneDNN unavailable: {onednn_conv.unavailable_reason()}')
-def test_attention_kernel_auto_runs_both_cores_through_the_kernel_to_xla_s_gradients():
-  assert cifar_tiny.get_config().model.attention_kernel == 'auto'  # every config's default
-  on, off, params, grad = _switched_models('attention_kernel', 'xla')
-  assert on.attention_onednn and not off.attention_onednn
-  hlo = grad.lower(params, on).as_text()
-  assert hlo.count('custom_call @HfAttentionForward(') == 2
-  assert hlo.count('custom_call @HfAttentionBackward(') == 2
-  # Each block's six dense layers (embed in and out, q, k, v, out): forward, input gradient
-  # and kernel gradient.
-  assert hlo.count('custom_call @HfMatmul(') == 2 * 6 * 3
-  assert 'HfAttention' not in grad.lower(params, off).as_text()
-  _assert_grads_agree(grad(params, on), grad(params, off), 1e-5)
+@needs_onednn
+def test_attention_kernel_auto_runs_both_blocks_through_the_kernels_to_xla_s_gradients():
+  on, off, params = _custom_calls_with_xla_s_gradients('attention_kernel', 'attention_onednn', {
+      'custom_call @HfAttentionForward(': 2,
+      'custom_call @HfAttentionBackward(': 2,
+      # Each block's six dense layers (embed in and out, q, k, v, out): forward, input gradient
+      # and kernel gradient.
+      'custom_call @HfMatmul(': 2 * 6 * 3})
   # The attention-map tool's weights are the same either way.
   x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 3))
   weights = [m.apply({**off.init(jax.random.PRNGKey(1), x), 'params': params}, x,
