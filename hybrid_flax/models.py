@@ -479,8 +479,9 @@ class HybridNet(nn.Module):
   `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
   `onednn`: the convs of maps oneDNN covers (`onednn_conv.covers`) run through it
   (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`).
-  `attention_onednn`: the attention core runs through the C++ kernel (`onednn_attention`; from
-  `model.attention_kernel`).
+  `attention_onednn`: the attention core runs through the C++ kernel (`onednn_attention`) and
+  the blocks' dense layers through oneDNN's sgemm (`onednn_dense`); from
+  `model.attention_kernel`.
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)

@@ -17,7 +17,7 @@ gradient to XLA; below BLOCKED_MIN_SIZE `models.conv_function` leaves all of it 
 
 The same library carries the attention core's handlers (`csrc/attention.cc`,
 `onednn_attention`), so this module builds, loads and gates both, and hands them the per-device
-helpers (`threads_per_device`, `on_each_device`).
+helpers (`threads_per_device`, `on_each_device`, `summed_on_each_device`).
 """
 
 import ctypes
@@ -179,6 +179,15 @@ def on_each_device(mesh, fn, in_specs, out_specs, batch_size: int):
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def summed_on_each_device(mesh, fn, in_specs, batch_size: int):
+  """`fn` on each device's share of the batch, its results summed over the devices (a weight
+  gradient), or `fn` itself where `splits` says the batch stays whole."""
+  if not splits(mesh, batch_size):
+    return fn
+  summed = lambda *args: jax.lax.psum(fn(*args), mesh.axis_names)
+  return on_each_device(mesh, summed, in_specs, P(), batch_size)
+
+
 def covers(size: int) -> bool:
   """Whether oneDNN runs (some of) the convolutions of `size`-wide maps."""
   return size >= BLOCKED_MIN_SIZE
@@ -221,10 +230,7 @@ def conv_3x3(mesh):
 
   def weight_grad(x, dy):
     fn = lambda x, dy: _call(_HANDLERS[2], (3, 3, x.shape[3], dy.shape[3]), threads, False, x, dy)
-    if not splits(mesh, x.shape[0]):
-      return fn(x, dy)
-    summed = lambda x, dy: jax.lax.psum(fn(x, dy), mesh.axis_names)
-    return on_each_device(mesh, summed, (batch, batch), P(), x.shape[0])(x, dy)
+    return summed_on_each_device(mesh, fn, (batch, batch), x.shape[0])(x, dy)
 
   @jax.custom_vjp
   def conv(x, w):

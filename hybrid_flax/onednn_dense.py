@@ -64,10 +64,8 @@ def dot_general(mesh):
       def local(x, dy):
         k = math.prod(w_shape[:contracted])
         grad = _matmul(x.reshape(-1, k), dy.reshape(x.size // k, -1), True, False, threads)
-        grad = grad.reshape(w_shape)
-        return jax.lax.psum(grad, mesh.axis_names) if split else grad
-      split = onednn_conv.splits(mesh, x.shape[0])
-      return onednn_conv.on_each_device(mesh, local, (batch, batch), P(), x.shape[0])(x, dy)
+        return grad.reshape(w_shape)
+      return onednn_conv.summed_on_each_device(mesh, local, (batch, batch), x.shape[0])(x, dy)
 
     @jax.custom_vjp
     def dense(x, w):
