@@ -15,7 +15,7 @@ from hybrid_flax import host_memory
 
 if __name__ == '__main__':
   # Before the imports below, so that only the re-executed process pays for them.
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_fast_malloc()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

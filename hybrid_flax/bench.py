@@ -27,7 +27,7 @@ from hybrid_flax import host_memory  # standard library only: cheap before the i
 
 if __name__ == '__main__':
   # Before the heavy imports, so that only the re-executed process pays for them (as launch.py).
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_fast_malloc()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

@@ -16,7 +16,7 @@ import statistics
 from hybrid_flax import host_memory
 
 if __name__ == '__main__':
-  host_memory.reexec_with_huge_pages()  # as bench and launch.py
+  host_memory.reexec_with_fast_malloc()  # as bench and launch.py
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
