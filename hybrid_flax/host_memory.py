@@ -20,6 +20,7 @@ Nothing computed changes: only where the memory comes from.
 """
 
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -53,6 +54,7 @@ def _tunable_set(environ) -> bool:
   return _TUNABLE_NAME in environ.get('GLIBC_TUNABLES', '')
 
 
+@functools.cache  # asked by wanted() and twice by environment(); each lookup runs ldconfig
 def _find_tcmalloc() -> str | None:
   """tcmalloc's library name as the dynamic loader finds it, or None where not installed."""
   for name in _TCMALLOC_NAMES:
