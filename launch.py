@@ -25,6 +25,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from hybrid_flax import distributed
+from hybrid_flax import fused_batch_norm
 from hybrid_flax import host_cpu
 from hybrid_flax import input_pipeline
 from hybrid_flax import onednn_attention
@@ -113,6 +114,7 @@ def main(argv):
     logging.info('%s', onednn_conv.status(config.model.conv_impl, config.model.dtype))
     logging.info('%s', onednn_attention.status(config.model.attention_kernel,
                                                config.model.dtype))
+    logging.info('%s', fused_batch_norm.status(config.model.bn_kernel, config.model.dtype))
     train.train_and_evaluate(config, _WORKDIR.value)
   except (input_pipeline.DatasetUnavailableError, ValueError, train.NonFiniteLossError,
           train.WorkdirBusyError) as e:

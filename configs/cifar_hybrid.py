@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   # oneDNN's sgemm (onednn_dense.py), 'xla' XLA's, 'auto' the kernels where they can run (CPU,
   # float32, built as for conv_impl). The same function up to float32 rounding.
   config.model.attention_kernel = 'auto'
+  # The conv blocks' batch norm (whole-batch statistics), ReLU and 2x2 max-pool: 'onednn' as one
+  # C++ kernel, a pass each for the statistics and the output and two backward
+  # (hybrid_flax/fused_batch_norm.py; built as for conv_impl), 'xla' XLA's, 'auto' the kernel
+  # where it can run (CPU, float32, built). The same function up to float32 rounding.
+  config.model.bn_kernel = 'auto'
   config.model.logit_scale = 1.0
   config.model.num_classes = 10
   config.model.dropout = 0.0

@@ -38,6 +38,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from hybrid_flax import fused_batch_norm
 from hybrid_flax import host_cpu
 from hybrid_flax import input_pipeline
 from hybrid_flax import onednn_attention
@@ -64,11 +65,12 @@ def _setup(config):
 def _unsharded_state(config):
   """The state's shapes with an optimizer bound to no mesh, for `_flops`' unsharded count.
 
-  Its model runs XLA's convolutions and attention core whatever `model.conv_impl` and
-  `model.attention_kernel` say: XLA's cost analysis counts nothing inside custom calls.
+  Its model runs XLA's convolutions, attention core and batch norm whatever `model.conv_impl`,
+  `model.attention_kernel` and `model.bn_kernel` say: XLA's cost analysis counts nothing inside
+  custom calls.
   """
   config = copy.deepcopy(config)
-  config.model.conv_impl = config.model.attention_kernel = 'xla'
+  config.model.conv_impl = config.model.attention_kernel = config.model.bn_kernel = 'xla'
   return train.state_factory(config, _STEPS_PER_EPOCH, input_pipeline.IMAGE_SHAPE, None)[2]
 
 
@@ -257,7 +259,8 @@ def report(config, steps: dict, pipeline: dict | str, torch_rounds: list[dict] |
            f'embed={config.model.embed}; {host_cpu.describe()}; {host_memory.status()}; '
            f'{xla_cpu_flags.status(config.xla_cpu_convolutions)}; '
            f'{onednn_conv.status(config.model.conv_impl, config.model.dtype)}; '
-           f'{onednn_attention.status(config.model.attention_kernel, config.model.dtype)}',
+           f'{onednn_attention.status(config.model.attention_kernel, config.model.dtype)}; '
+           f'{fused_batch_norm.status(config.model.bn_kernel, config.model.dtype)}',
            f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'
            f'{"GFLOP/img":>11}{"GFLOP/s":>9}']
   for name in ('train', 'eval', 'early'):

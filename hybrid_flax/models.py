@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from hybrid_flax import fused_batch_norm
 from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
 from hybrid_flax import onednn_dense
@@ -225,6 +226,8 @@ class ConvBlock(nn.Module):
   `grad_barrier`, on CPUs: the conv's backward reads stored tensors (`conv_with_grad_barrier`).
   `onednn`: maps oneDNN covers (`onednn_conv.covers`) go through it, each device of `mesh`
   (None: one device) its share of the batch (`onednn_conv.conv_3x3`).
+  `bn_kernel`: batch norm, ReLU and pool as one C++ kernel where it covers the block
+  (`fused_batch_norm`), each device of `mesh` likewise.
   """
 
   features: int
@@ -235,6 +238,7 @@ class ConvBlock(nn.Module):
   dtype: Any = jnp.float32
   grad_barrier: bool = False
   onednn: bool = False
+  bn_kernel: bool = False
   mesh: Any = None
 
   @nn.compact
@@ -244,6 +248,10 @@ class ConvBlock(nn.Module):
     x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
                 dtype=self.dtype, conv_general_dilated=conv)(x)
     # Named as nn.BatchNorm names itself, so the bias scaler and checkpoints find it either way.
+    if self.bn_kernel and fused_batch_norm.covers(x.shape, self.pool, self.bn_group_size):
+      return fused_batch_norm.BatchNormRelu(self.pool, use_running_average=not train,
+                                            momentum=self.bn_momentum, epsilon=_BN_EPSILON,
+                                            mesh=self.mesh, name='BatchNorm_0')(x)
     x = batch_norm(train, self.bn_group_size, self.bn_momentum, self.dtype, 'BatchNorm_0')(x)
     x = nn.relu(x)
     if self.pool:
@@ -454,6 +462,7 @@ class ResidualBlock(nn.Module):
   dtype: Any = jnp.float32
   grad_barrier: bool = False
   onednn: bool = False
+  bn_kernel: bool = False
   mesh: Any = None
 
   @nn.compact
@@ -461,7 +470,7 @@ class ResidualBlock(nn.Module):
     block = functools.partial(ConvBlock, x.shape[-1], bn_momentum=self.bn_momentum,
                               bn_group_size=self.bn_group_size, dirac=self.dirac,
                               dtype=self.dtype, grad_barrier=self.grad_barrier,
-                              onednn=self.onednn, mesh=self.mesh)
+                              onednn=self.onednn, bn_kernel=self.bn_kernel, mesh=self.mesh)
     y = block()(x, train)  # ConvBlock_0, then ConvBlock_1, as checkpoints name them
     y = block()(y, train)
     return x + y
@@ -482,6 +491,8 @@ class HybridNet(nn.Module):
   `attention_onednn`: the attention core runs through the C++ kernel (`onednn_attention`) and
   the blocks' dense layers through oneDNN's sgemm (`onednn_dense`); from
   `model.attention_kernel`.
+  `bn_kernel`: the conv blocks' batch norm, ReLU and pool as one C++ kernel
+  (`fused_batch_norm`; `ConvBlock`); from `model.bn_kernel`.
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -503,6 +514,7 @@ class HybridNet(nn.Module):
   conv_grad_barrier: bool = False
   onednn: bool = False
   attention_onednn: bool = False
+  bn_kernel: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -512,7 +524,8 @@ class HybridNet(nn.Module):
         x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
                       bn_group_size=self.bn_group_size, dirac=self.dirac and i > 0,
                       dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
-                      onednn=self.onednn, mesh=self.mesh, name=f'conv{i + 1}')(x, train)
+                      onednn=self.onednn, bn_kernel=self.bn_kernel, mesh=self.mesh,
+                      name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
                            impl=self.attention_impl,
@@ -522,7 +535,8 @@ class HybridNet(nn.Module):
                            name=f'attention{stage + 1}')(x, train)
       x = ResidualBlock(bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
                         dirac=self.dirac, dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
-                        onednn=self.onednn, mesh=self.mesh, name=f'residual{stage + 1}')(x, train)
+                        onednn=self.onednn, bn_kernel=self.bn_kernel, mesh=self.mesh,
+                        name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -569,6 +583,7 @@ def validate_model_config(model_config) -> None:
                      f'got {model_config.attention_grad_chunk_kib}')
   onednn_conv.check(model_config.conv_impl)
   onednn_conv.check(model_config.attention_kernel, 'attention_kernel')
+  onednn_conv.check(model_config.bn_kernel, 'bn_kernel')
   if model_config.attention_kernel == 'onednn' and model_config.attention_impl != 'deferred':
     raise ValueError(f"model.attention_kernel='onednn' runs the 'deferred' core, not "
                      f"model.attention_impl={model_config.attention_impl!r}")
@@ -600,4 +615,6 @@ def create_model(model_config, mesh=None) -> HybridNet:
       onednn=onednn_conv.use_onednn(model_config.conv_impl, DTYPES[model_config.dtype]),
       attention_onednn=model_config.attention_impl == 'deferred' and onednn_conv.use_onednn(
           model_config.attention_kernel, DTYPES[model_config.dtype], 'attention_kernel'),
+      bn_kernel=onednn_conv.use_onednn(model_config.bn_kernel, DTYPES[model_config.dtype],
+                                       'bn_kernel'),
   )

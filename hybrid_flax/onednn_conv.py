@@ -15,9 +15,11 @@ results are the convolution's up to float32 rounding (summation order): tests/te
 On maps narrower than MIN_SIZE the activations go to oneDNN's blocked layout and the weight
 gradient to XLA; below BLOCKED_MIN_SIZE `models.conv_function` leaves all of it to XLA.
 
-The same library carries the attention core's handlers (`csrc/attention.cc`,
-`onednn_attention`), so this module builds, loads and gates both, and hands them the per-device
-helpers (`threads_per_device`, `on_each_device`, `summed_on_each_device`).
+The same library carries the other C++ kernels' handlers (the attention core's,
+`csrc/attention.cc` and `onednn_attention`; the dense layers', `onednn_dense`; the conv blocks'
+batch norm, `csrc/batch_norm.cc` and `fused_batch_norm`), so this module builds, loads and gates
+them all, and hands them the per-device helpers (`threads_per_device`, `on_each_device`,
+`summed_on_each_device`).
 """
 
 import ctypes
@@ -43,12 +45,14 @@ IMPLS = ('auto', 'onednn', 'xla')  # config.model.conv_impl
 MIN_SIZE = 8
 BLOCKED_MIN_SIZE = 4
 
-# One library for all the C++ kernels: these convolutions and the attention core
-# (`onednn_attention`, which calls oneDNN's sgemm).
+# One library for all the C++ kernels: these convolutions, the attention core
+# (`onednn_attention`, which calls oneDNN's sgemm), the dense layers' sgemm (`onednn_dense`) and
+# the conv blocks' batch norm (`fused_batch_norm`).
 _SOURCES = tuple(pathlib.Path(__file__).with_name('csrc') / name
-                 for name in ('onednn_conv.cc', 'attention.cc', 'dense.cc'))
+                 for name in ('onednn_conv.cc', 'attention.cc', 'dense.cc', 'batch_norm.cc'))
 _HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad')
-_OTHER_HANDLERS = ('HfAttentionForward', 'HfAttentionBackward', 'HfMatmul')
+_OTHER_HANDLERS = ('HfAttentionForward', 'HfAttentionBackward', 'HfMatmul', 'HfBnStats',
+                   'HfBnReluForward', 'HfBnReluBackwardSums', 'HfBnReluBackward')
 _INSTALL = 'pip install -e ".[onednn]"'
 
 
@@ -116,7 +120,8 @@ def unavailable_reason() -> str | None:
 
 
 def check(impl: str, field: str = 'conv_impl') -> None:
-  """Raises ValueError for a `model.<field>` (conv_impl or attention_kernel) not in IMPLS."""
+  """Raises ValueError for a `model.<field>` (conv_impl, attention_kernel or bn_kernel) not in
+  IMPLS."""
   if impl not in IMPLS:
     raise ValueError(f'model.{field} must be one of {IMPLS}, got {impl!r}')
 
@@ -133,7 +138,7 @@ def reason_not_here(dtype) -> str | None:
 
 def use_onednn(impl: str, dtype, field: str = 'conv_impl') -> bool:
   """Whether `model.<field>` = `impl` runs its kernels (the convs; `model.attention_kernel`:
-  the attention core) through oneDNN here, for `dtype`.
+  the attention core; `model.bn_kernel`: the conv blocks' batch norm) here, for `dtype`.
 
   'auto': where it can (CPU backend, float32, oneDNN built); 'xla': never; 'onednn': always,
   raising ValueError with the reason where it cannot.

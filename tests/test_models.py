@@ -202,8 +202,9 @@ def test_training_state_uses_the_chunked_attention_backward_on_its_mesh():
   for kib, expected in ((1024, True), (0, False)):
     config = cifar_tiny.get_config()
     config.model.attention_grad_chunk_kib = kib
-    # oneDNN's convs and the attention kernel split the batch with shard_maps of their own.
-    config.model.conv_impl = config.model.attention_kernel = 'xla'
+    # oneDNN's convs and the attention and batch-norm kernels split the batch with shard_maps
+    # of their own.
+    config.model.conv_impl = config.model.attention_kernel = config.model.bn_kernel = 'xla'
     _, init, _ = train.state_factory(config, 10, (32, 32, 3), replicated)
     state = jax.eval_shape(init, jax.random.PRNGKey(0))
     assert state.apply_fn.__self__.mesh is mesh
@@ -314,6 +315,14 @@ def test_attention_kernel_auto_runs_both_blocks_through_the_kernels_to_xla_s_gra
   weights = [m.apply({**off.init(jax.random.PRNGKey(1), x), 'params': params}, x,
                      mutable=['intermediates'])[1]['intermediates'] for m in (on, off)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *weights)
+
+
+@needs_onednn
+def test_bn_kernel_auto_runs_every_conv_block_through_the_kernel_to_xla_s_gradients():
+  # conv1..conv4 and the residual blocks' two each: statistics, forward, and the backward's two.
+  _custom_calls_with_xla_s_gradients('bn_kernel', 'bn_kernel', {
+      f'custom_call @{name}(': 8 for name in ('HfBnStats', 'HfBnReluForward',
+                                              'HfBnReluBackwardSums', 'HfBnReluBackward')})
 
 
 def test_attention_weights_are_recorded_only_when_asked():
