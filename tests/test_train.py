@@ -93,6 +93,9 @@ def test_ghost_batch_norm_within_each_device_share_drops_the_statistics_all_redu
   config = cifar_tiny.get_config()
   config.batch_size = 32
   config.model.bn_group_size = 8  # 32 examples on 4 devices: one group each
+  # XLA's whole-batch batch norm to compare with (ghost batch norm is always XLA's): this
+  # model has no mesh, so the kernel's (`model.bn_kernel`) would gather the batch instead.
+  config.model.bn_kernel = 'xla'
   results, all_reduces = [], {}
   for devices in (jax.devices()[:1], jax.devices()):
     state, lr_fn = _setup(config)
