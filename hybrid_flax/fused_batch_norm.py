@@ -2,9 +2,10 @@
 (`model.bn_kernel`), as XLA FFI custom calls.
 
 Why: XLA's CPU backend runs a training-mode `nn.BatchNorm` -> ReLU -> `models.max_pool_2x2` as
-6-7 element-wise passes over the conv's output forward (the two statistics reductions, the
-centring, the normalisation with the ReLU, the pool's max and its first-max index) and 5-6
-backward, several at a fraction of memory speed. `csrc/batch_norm.cc` makes one pass for the
+six element-wise passes over the conv's output forward (the two statistics reductions, the
+centring, the normalisation with the ReLU, the pool's max and its first-max index) and six
+backward, several at a fraction of memory speed: 51 ms a step for conv2's alone at paper width
+on a 2-core Zen 4, where the kernel's four passes take 19 (docs/benchmark.md). `csrc/batch_norm.cc` makes one pass for the
 statistics and one for normalise-ReLU-pool (which also writes each window's chosen element as
 a byte), and backward one for the per-channel sums and one for the input gradient, in
 closed form:

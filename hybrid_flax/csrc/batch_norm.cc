@@ -1,15 +1,14 @@
 // Training-mode batch norm + ReLU (+ 2x2 max-pool) on NHWC float32, as four XLA FFI handlers:
 // the per-channel sums for the statistics, the normalise-ReLU-pool forward, the per-channel
 // sums of the backward and the input gradient. Each is one pass over the conv's output, where
-// XLA's CPU backend makes 6-7 forward and 5-6 backward. Built with onednn_conv.cc by
-// hybrid_flax/onednn_conv.py; hybrid_flax/fused_batch_norm.py says why, and does the
-// per-channel arithmetic between the passes (and the cross-device sums).
+// XLA's CPU backend made six forward and six backward (docs/benchmark.md). Built with
+// onednn_conv.cc by hybrid_flax/onednn_conv.py; hybrid_flax/fused_batch_norm.py says why, and
+// does the per-channel arithmetic between the passes (and the cross-device sums).
 #include <omp.h>
 
 #include <cstdint>
 #include <cstring>
 #include <new>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -28,6 +27,7 @@ struct Dims {
   int64_t rows() const { return n * out_h(); }  // output rows: the unit of work
 };
 
+// The threads of the regions below: `threads` (0: OpenMP's default).
 int Threads(int64_t threads) {
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   return omp_get_max_threads();
@@ -74,7 +74,7 @@ class ChannelSums {
   std::vector<double> total_;
 };
 
-// The normalised, shifted value before the ReLU: every pass computes it with this one function.
+// The normalised, shifted value before the ReLU.
 __attribute__((always_inline)) inline float Norm(float x, float mean, float mul, float bias) {
   return (x - mean) * mul + bias;
 }
