@@ -55,6 +55,7 @@ def _operators(mesh, pool: bool):
   per-channel sums added over the devices."""
   threads = np.int64(onednn_conv.threads_per_device(mesh))
   batch, channel = (None, None) if mesh is None else (P(mesh.axis_names), P())
+  idx_spec = batch if pool else channel  # not pooling, the index is one unused byte
 
   def out_shape(x):
     n, h, w, c = x.shape
@@ -67,20 +68,18 @@ def _operators(mesh, pool: bool):
 
   def forward(x, mean, mul, bias):
     def fn(x, mean, mul, bias):
-      # Not pooling, the index output is one unused byte.
       out = (jax.ShapeDtypeStruct(out_shape(x), jnp.float32),
              jax.ShapeDtypeStruct(out_shape(x) if pool else (1,), jnp.uint8))
       return jax.ffi.ffi_call('HfBnReluForward', out)(x, mean, mul, bias, pool=pool,
                                                       threads=threads)
     return onednn_conv.on_each_device(mesh, fn, (batch,) + (channel,) * 3,
-                                      (batch, batch if pool else channel), x.shape[0])(
+                                      (batch, idx_spec), x.shape[0])(
                                           x, mean, mul, bias)
 
   def backward_sums(x, y, idx, dy, mean):
     fn = lambda x, y, idx, dy, mean: jax.ffi.ffi_call(
         'HfBnReluBackwardSums', jax.ShapeDtypeStruct((2, x.shape[-1]), jnp.float32))(
             x, y, idx, dy, mean, pool=pool, threads=threads)
-    idx_spec = batch if pool else channel
     return onednn_conv.summed_on_each_device(mesh, fn, (batch, batch, idx_spec, batch, channel),
                                              x.shape[0])(x, y, idx, dy, mean)
 
@@ -88,7 +87,6 @@ def _operators(mesh, pool: bool):
     fn = lambda x, y, idx, dy, *channels: jax.ffi.ffi_call(
         'HfBnReluBackward', jax.ShapeDtypeStruct(x.shape, jnp.float32))(
             x, y, idx, dy, *channels, pool=pool, threads=threads)
-    idx_spec = batch if pool else channel
     return onednn_conv.on_each_device(mesh, fn, (batch, batch, idx_spec, batch) + (channel,) * 4,
                                       batch, x.shape[0])(x, y, idx, dy, mean, mul, k0, k1)
 
