@@ -38,10 +38,8 @@ from hybrid_flax import onednn_conv
 
 def status(impl: str, dtype) -> str:
   """One line for the logs: what runs the conv blocks' batch norm, ReLU and pool, and why."""
-  if onednn_conv.use_onednn(impl, dtype, 'bn_kernel'):
-    return f"conv blocks' batch norm + ReLU + pool: the C++ kernel (model.bn_kernel={impl!r})"
-  why = '' if impl == 'xla' else f': {onednn_conv.reason_not_here(dtype)}'
-  return f"conv blocks' batch norm + ReLU + pool: XLA's (model.bn_kernel={impl!r}{why})"
+  return onednn_conv.switch_status("conv blocks' batch norm + ReLU + pool", 'the C++ kernel',
+                                   impl, dtype, 'bn_kernel')
 
 
 def covers(shape, pool: bool, group_size: int) -> bool:

@@ -30,11 +30,9 @@ from hybrid_flax import onednn_conv
 
 def status(impl: str, dtype) -> str:
   """One line for the logs: what runs the attention blocks' core and dense layers, and why."""
-  if onednn_conv.use_onednn(impl, dtype, 'attention_kernel'):
-    return ("attention blocks: the C++ core and oneDNN's sgemm for the dense layers "
-            f"(model.attention_kernel={impl!r})")
-  why = '' if impl == 'xla' else f': {onednn_conv.reason_not_here(dtype)}'
-  return f"attention blocks: XLA's (model.attention_kernel={impl!r}{why})"
+  return onednn_conv.switch_status(
+      'attention blocks', "the C++ core and oneDNN's sgemm for the dense layers", impl, dtype,
+      'attention_kernel')
 
 
 def attention_core(mesh):

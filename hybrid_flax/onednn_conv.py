@@ -150,15 +150,22 @@ def use_onednn(impl: str, dtype, field: str = 'conv_impl') -> bool:
   return impl != 'xla' and reason is None
 
 
+def switch_status(subject: str, kernels: str, impl: str, dtype, field: str) -> str:
+  """One line for the logs: what runs `subject`, `kernels` where `model.<field>` = `impl` runs
+  them here (`use_onednn`), else XLA's and why not."""
+  if use_onednn(impl, dtype, field):
+    return f'{subject}: {kernels} (model.{field}={impl!r})'
+  why = '' if impl == 'xla' else f': {reason_not_here(dtype)}'
+  return f"{subject}: XLA's (model.{field}={impl!r}{why})"
+
+
 def status(impl: str, dtype) -> str:
   """One line for the logs: which kernels run the 3x3 convolutions, and why."""
-  if use_onednn(impl, dtype):
-    small, large = (f'{n}x{n}' for n in (BLOCKED_MIN_SIZE, MIN_SIZE))
-    return (f'3x3 convolutions: oneDNN on maps of {small} and larger (below {large} in its '
-            f'blocked layout, with XLA\'s weight gradient), XLA\'s below '
-            f'(model.conv_impl={impl!r})')
-  why = '' if impl == 'xla' else f': {reason_not_here(dtype)}'
-  return f'3x3 convolutions: XLA\'s (model.conv_impl={impl!r}{why})'
+  small, large = (f'{n}x{n}' for n in (BLOCKED_MIN_SIZE, MIN_SIZE))
+  return switch_status('3x3 convolutions',
+                       f"oneDNN on maps of {small} and larger (below {large} in its blocked "
+                       f"layout, with XLA's weight gradient), XLA's below", impl, dtype,
+                       'conv_impl')
 
 
 def threads_per_device(mesh) -> int:
