@@ -25,6 +25,11 @@ struct Dims {
   int64_t out_h() const { return pool ? h / 2 : h; }
   int64_t out_w() const { return pool ? w / 2 : w; }
   int64_t rows() const { return n * out_h(); }  // output rows: the unit of work
+  // Where output row r starts in the output, and its first input row in the input.
+  int64_t out_offset(int64_t r) const { return r * out_w() * c; }
+  int64_t in_offset(int64_t r) const {
+    return ((r / out_h()) * h + (r % out_h()) * (pool ? 2 : 1)) * w * c;
+  }
 };
 
 // The threads of the regions below: `threads` (0: OpenMP's default).
@@ -55,9 +60,15 @@ class ChannelSums {
  public:
   ChannelSums(int threads, int64_t c)
       : c_(c), partial_(static_cast<size_t>(threads) * 2 * c), total_(partial_.size(), 0.0) {}
-  float* partial(int thread) { return partial_.data() + thread * 2 * c_; }
+  // The thread's partial sums, zeroed for the next row.
+  float* partial(int thread) {
+    float* p = partial_.data() + thread * 2 * c_;
+    std::memset(p, 0, 2 * c_ * sizeof(float));
+    return p;
+  }
+  // Adds the thread's row (its partial sums) to its running totals.
   void Add(int thread) {
-    AddTo(total_.data() + thread * 2 * c_, partial(thread), 2 * c_);
+    AddTo(total_.data() + thread * 2 * c_, partial_.data() + thread * 2 * c_, 2 * c_);
   }
   void Write(float* out) const {
     const int64_t threads = static_cast<int64_t>(total_.size()) / (2 * c_);
@@ -95,9 +106,7 @@ void RowSums(const float* x, int64_t count, int64_t c, float* s) {
 void Stats(const float* x, float* out, const Dims& d, int64_t threads) {
   ChannelSums sums(Threads(threads), d.c);
   ForEachRow(d, threads, [&](int64_t r, int t) {
-    float* s = sums.partial(t);
-    std::memset(s, 0, 2 * d.c * sizeof(float));
-    RowSums(x + r * d.w * d.c, d.w, d.c, s);
+    RowSums(x + d.in_offset(r), d.w, d.c, sums.partial(t));
     sums.Add(t);
   });
   sums.Write(out);
@@ -146,15 +155,14 @@ void ForwardPoolRow(const float* x0, const float* x1, float* y, uint8_t* idx, in
 
 void Forward(const float* x, const float* mean, const float* mul, const float* bias, float* y,
              uint8_t* idx, const Dims& d, int64_t threads) {
-  const int64_t ow = d.out_w(), c = d.c;
   ForEachRow(d, threads, [&](int64_t r, int) {
-    if (!d.pool) {
-      ForwardRow(x + r * d.w * c, y + r * d.w * c, d.w, c, mean, mul, bias);
-      return;
+    const float* x0 = x + d.in_offset(r);
+    const int64_t o = d.out_offset(r);
+    if (d.pool) {
+      ForwardPoolRow(x0, x0 + d.w * d.c, y + o, idx + o, d.out_w(), d.c, mean, mul, bias);
+    } else {
+      ForwardRow(x0, y + o, d.w, d.c, mean, mul, bias);
     }
-    const int64_t n = r / d.out_h(), i = r % d.out_h();
-    const float* x0 = x + ((n * d.h + 2 * i) * d.w) * c;
-    ForwardPoolRow(x0, x0 + d.w * c, y + r * ow * c, idx + r * ow * c, ow, c, mean, mul, bias);
   });
 }
 
@@ -193,17 +201,14 @@ void BackwardSumsPoolRow(const float* x0, const float* x1, const float* y, const
 void BackwardSums(const float* x, const float* y, const uint8_t* idx, const float* dy,
                   const float* mean, float* out, const Dims& d, int64_t threads) {
   ChannelSums sums(Threads(threads), d.c);
-  const int64_t ow = d.out_w(), c = d.c;
   ForEachRow(d, threads, [&](int64_t r, int t) {
-    float* s = sums.partial(t);
-    std::memset(s, 0, 2 * c * sizeof(float));
+    const float* x0 = x + d.in_offset(r);
+    const int64_t o = d.out_offset(r);
     if (d.pool) {
-      const int64_t n = r / d.out_h(), i = r % d.out_h();
-      const float* x0 = x + ((n * d.h + 2 * i) * d.w) * c;
-      BackwardSumsPoolRow(x0, x0 + d.w * c, y + r * ow * c, idx + r * ow * c, dy + r * ow * c,
-                          ow, c, mean, s);
+      BackwardSumsPoolRow(x0, x0 + d.w * d.c, y + o, idx + o, dy + o, d.out_w(), d.c, mean,
+                          sums.partial(t));
     } else {
-      BackwardSumsRow(x + r * d.w * c, y + r * d.w * c, dy + r * d.w * c, d.w, c, mean, s);
+      BackwardSumsRow(x0, y + o, dy + o, d.w, d.c, mean, sums.partial(t));
     }
     sums.Add(t);
   });
@@ -244,18 +249,16 @@ void BackwardPoolRow(const float* x, const float* y, const uint8_t* idx, const f
 void Backward(const float* x, const float* y, const uint8_t* idx, const float* dy,
               const float* mean, const float* mul, const float* k0, const float* k1, float* dx,
               const Dims& d, int64_t threads) {
-  const int64_t ow = d.out_w(), c = d.c;
   ForEachRow(d, threads, [&](int64_t r, int) {
+    const int64_t in = d.in_offset(r), o = d.out_offset(r);
     if (!d.pool) {
-      const int64_t o = r * d.w * c;
-      BackwardRow(x + o, y + o, dy + o, dx + o, d.w, c, mean, mul, k0, k1);
+      BackwardRow(x + in, y + o, dy + o, dx + in, d.w, d.c, mean, mul, k0, k1);
       return;
     }
-    const int64_t n = r / d.out_h(), i = r % d.out_h();
     for (uint8_t e = 0; e < 4; ++e) {
-      const int64_t o = ((n * d.h + 2 * i + e / 2) * d.w + e % 2) * c;
-      BackwardPoolRow(x + o, y + r * ow * c, idx + r * ow * c, dy + r * ow * c, dx + o, ow, c, e,
-                      mean, mul, k0, k1);
+      const int64_t at = in + ((e / 2) * d.w + e % 2) * d.c;  // the element's first window
+      BackwardPoolRow(x + at, y + o, idx + o, dy + o, dx + at, d.out_w(), d.c, e, mean, mul, k0,
+                      k1);
     }
   });
 }
