@@ -17,6 +17,12 @@ per-channel arithmetic between the passes, and the sums over devices (the statis
 whole batch's, as `nn.BatchNorm`'s), run in XLA. Evaluation normalises with the running
 averages in the forward pass's kernel.
 
+The conv's bias is folded in rather than added (`shift`): batch norm subtracts the batch mean,
+so a per-channel shift changes only that mean (and through it the running average), and its
+gradient is the mean's cotangent (zero in training, where only the running average reads the
+mean). That saves a pass adding it over the maps and one reducing its gradient; XLA's path
+gets the same zero as round-off.
+
 The variables are `nn.BatchNorm`'s (same names and updates), so checkpoints carry over, and
 the results are the unfused block's up to float32 rounding (summation order; the statistics'
 sums are accumulated in float64): tests/test_fused_batch_norm.py. Built and loaded with the
@@ -92,8 +98,9 @@ def _operators(mesh, pool: bool):
 
 
 def train_function(mesh, pool: bool, epsilon: float):
-  """f(x, scale, bias) -> (relu(batch_norm(x)), pooled 2x2 where `pool`; the batch's mean; its
-  variance), with the batch statistics of training mode, differentiable in all three inputs."""
+  """f(x, shift, scale, bias) -> (relu(batch_norm(x + shift)), pooled 2x2 where `pool`; the
+  batch's mean; its variance), with the batch statistics of training mode, differentiable in
+  all four inputs; `shift` is per channel and never added to the maps."""
   stats, forward, backward_sums, backward = _operators(mesh, pool)
 
   def moments(x):
@@ -103,15 +110,15 @@ def train_function(mesh, pool: bool, epsilon: float):
     # As nn.BatchNorm: E[x^2] - E[x]^2, clipped at 0 against round-off.
     return mean, jnp.maximum(0.0, sums[1] / n - jnp.square(mean))
 
-  def run(x, scale, bias):
-    mean, var = moments(x)
+  def run(x, shift, scale, bias):
+    mean, var = moments(x)  # x + shift's variance is x's
     r = jax.lax.rsqrt(var + epsilon)
     y, idx = forward(x, mean, r * scale, bias)
-    return (y, mean, var), (x, y, idx, mean, r, scale)
+    return (y, mean + shift, var), (x, y, idx, mean, r, scale)
 
   @jax.custom_vjp
-  def fn(x, scale, bias):
-    return run(x, scale, bias)[0]
+  def fn(x, shift, scale, bias):
+    return run(x, shift, scale, bias)[0]
 
   def fn_backward(saved, cotangents):
     x, y, idx, mean, r, scale = saved
@@ -124,7 +131,8 @@ def train_function(mesh, pool: bool, epsilon: float):
     k0 = (mul * sums[0] - dmean) / n
     k1 = (mul * jnp.square(r) * sums[1] - 2 * dvar) / n
     dx = backward(x, y, idx, dy, mean, mul, k0, k1)
-    return dx, sums[1] * r, sums[0]
+    # The output is the same for any shift; only the mean moves with it.
+    return dx, dmean, sums[1] * r, sums[0]
 
   fn.defvjp(run, fn_backward)
   return fn
@@ -132,13 +140,14 @@ def train_function(mesh, pool: bool, epsilon: float):
 
 def eval_function(mesh, pool: bool):
   """f(x, mean, mul, bias) -> relu((x - mean) mul + bias), pooled 2x2 where `pool`: evaluation
-  with the running averages (not differentiable)."""
+  with the running averages (not differentiable; a shift goes into `mean`)."""
   return lambda x, mean, mul, bias: _operators(mesh, pool)[1](x, mean, mul, bias)[0]
 
 
 class BatchNormRelu(nn.Module):
-  """`nn.BatchNorm` -> ReLU -> optional 2x2 max-pool (`models.max_pool_2x2`) through the C++
-  kernel; `nn.BatchNorm`'s variables, names and running-average updates."""
+  """`nn.BatchNorm` -> ReLU -> optional 2x2 max-pool (`models.max_pool_2x2`) on `x + shift`
+  (`shift`, per channel: the conv's bias, folded into the statistics) through the C++ kernel;
+  `nn.BatchNorm`'s variables, names and running-average updates."""
 
   pool: bool
   use_running_average: bool
@@ -147,19 +156,20 @@ class BatchNormRelu(nn.Module):
   mesh: Any = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, shift=None):
     if x.ndim != 4 or x.dtype != jnp.float32:
       raise ValueError(f'the batch-norm kernel takes float32 [n, h, w, c] maps; got {x.shape} '
                        f'{x.dtype}')
     c = x.shape[-1]
+    shift = jnp.zeros((c,), jnp.float32) if shift is None else shift
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
     if self.use_running_average:
       mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
-      return eval_function(self.mesh, self.pool)(x, ra_mean.value, mul, bias)
-    y, mean, var = train_function(self.mesh, self.pool, self.epsilon)(x, scale, bias)
+      return eval_function(self.mesh, self.pool)(x, ra_mean.value - shift, mul, bias)
+    y, mean, var = train_function(self.mesh, self.pool, self.epsilon)(x, shift, scale, bias)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

@@ -220,6 +220,18 @@ def conv_function(size: int, grad_barrier: bool, onednn: bool, mesh):
   return jax.lax.conv_general_dilated
 
 
+class ConvReturningBias(nn.Conv):
+  """`nn.Conv` (built with `use_bias=False`) that returns (output, bias) instead of adding the
+  bias, for a batch-norm kernel that folds it into its statistics (`fused_batch_norm`).
+  Variables, names and initial values are `nn.Conv`'s: the bias is drawn after the kernel,
+  as there."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    y = super().__call__(inputs)
+    return y, self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+
+
 class ConvBlock(nn.Module):
   """Conv 3x3 (padding 1) -> BatchNorm -> ReLU -> optional 2x2 max-pool.
 
@@ -227,7 +239,8 @@ class ConvBlock(nn.Module):
   `onednn`: maps oneDNN covers (`onednn_conv.covers`) go through it, each device of `mesh`
   (None: one device) its share of the batch (`onednn_conv.conv_3x3`).
   `bn_kernel`: batch norm, ReLU and pool as one C++ kernel where it covers the block
-  (`fused_batch_norm`), each device of `mesh` likewise.
+  (`fused_batch_norm`), each device of `mesh` likewise; the conv's bias goes into its
+  statistics, not onto the maps.
   """
 
   features: int
@@ -244,14 +257,19 @@ class ConvBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     init = dirac_init() if self.dirac else nn.initializers.lecun_normal()
-    conv = conv_function(min(x.shape[1:3]), self.grad_barrier, self.onednn, self.mesh)
-    x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
-                dtype=self.dtype, conv_general_dilated=conv)(x)
+    conv = dict(features=self.features, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
+                kernel_init=init, dtype=self.dtype,
+                conv_general_dilated=conv_function(min(x.shape[1:3]), self.grad_barrier,
+                                                   self.onednn, self.mesh),
+                name='Conv_0')
     # Named as nn.BatchNorm names itself, so the bias scaler and checkpoints find it either way.
-    if self.bn_kernel and fused_batch_norm.covers(x.shape, self.pool, self.bn_group_size):
+    if self.bn_kernel and fused_batch_norm.covers(x.shape[:3] + (self.features,), self.pool,
+                                                  self.bn_group_size):
+      x, shift = ConvReturningBias(use_bias=False, **conv)(x)
       return fused_batch_norm.BatchNormRelu(self.pool, use_running_average=not train,
                                             momentum=self.bn_momentum, epsilon=_BN_EPSILON,
-                                            mesh=self.mesh, name='BatchNorm_0')(x)
+                                            mesh=self.mesh, name='BatchNorm_0')(x, shift)
+    x = nn.Conv(**conv)(x)
     x = batch_norm(train, self.bn_group_size, self.bn_momentum, self.dtype, 'BatchNorm_0')(x)
     x = nn.relu(x)
     if self.pool:

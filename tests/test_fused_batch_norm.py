@@ -122,11 +122,14 @@ def test_evaluation_matches_batch_norm_relu_pool(pool):
 def test_statistics_cotangents_reach_the_input():
   # The batch mean and variance are outputs too (for the running averages). Training ignores
   # them, but a loss that reads them gets their gradient, as autodiff of nn.BatchNorm's gives.
+  # The folded shift (a conv's bias) moves the mean, so it gets the mean's cotangent.
   x = _inputs((4, 4, 4, 6))
+  shift = jnp.linspace(1.0, -2.0, 6)
   scale = jnp.linspace(0.5, 1.5, 6)
   bias = jnp.linspace(-0.2, 0.3, 6)
 
-  def reference(x, scale, bias):
+  def reference(x, shift, scale, bias):
+    x = x + shift
     mean = x.mean((0, 1, 2))
     var = jnp.maximum(0.0, jnp.square(x).mean((0, 1, 2)) - jnp.square(mean))
     y = (x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias
@@ -135,13 +138,53 @@ def test_statistics_cotangents_reach_the_input():
   kernel = fused_batch_norm.train_function(None, True, 1e-5)
   cotangents = (jax.random.normal(jax.random.PRNGKey(5), (4, 2, 2, 6)),
                 jnp.linspace(-1.0, 1.0, 6), jnp.linspace(2.0, -0.5, 6))
-  for f in (kernel, reference):
-    np.testing.assert_allclose(jax.jit(f)(x, scale, bias)[1], reference(x, scale, bias)[1],
-                               rtol=1e-5, atol=1e-6)
-  got = jax.jit(lambda *a: jax.vjp(kernel, *a)[1](cotangents))(x, scale, bias)
-  want = jax.jit(lambda *a: jax.vjp(reference, *a)[1](cotangents))(x, scale, bias)
+  inputs = (x, shift, scale, bias)
+  for g, w in zip(jax.jit(kernel)(*inputs), reference(*inputs), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()))
+  got = jax.jit(lambda *a: jax.vjp(kernel, *a)[1](cotangents))(*inputs)
+  want = jax.jit(lambda *a: jax.vjp(reference, *a)[1](cotangents))(*inputs)
+  np.testing.assert_allclose(got[1], cotangents[1], rtol=1e-6)  # d shift = d mean
   for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.abs(w).max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize('pool', [True, False])
+def test_conv_block_folds_the_conv_bias_to_xla_s_values(pool):
+  # With the kernel the conv's bias is never added to the maps: it moves the batch mean (and so
+  # the running average), and evaluation subtracts it from the running mean. Against the block
+  # on XLA's path, with a bias, scale and running averages away from their start.
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8, 6, 6, 5)),
+                     NamedSharding(mesh, P('data')))
+  on, off = (models.ConvBlock(12, pool=pool, bn_kernel=k, mesh=mesh) for k in (True, False))
+  variables = off.init(jax.random.PRNGKey(1), x, train=False)
+  assert jax.tree.structure(on.init(jax.random.PRNGKey(1), x, train=False)) == (
+      jax.tree.structure(variables))
+  variables = jax.tree.map(lambda a: a + 0.5 * jax.random.normal(jax.random.PRNGKey(2), a.shape),
+                           variables)
+  variables['batch_stats']['BatchNorm_0']['var'] = jnp.abs(
+      variables['batch_stats']['BatchNorm_0']['var'])
+  assert float(jnp.abs(variables['params']['Conv_0']['bias']).min()) > 0.01
+  dy = jax.random.normal(jax.random.PRNGKey(3), (8, 3, 3, 12) if pool else (8, 6, 6, 12))
+
+  def run(block):
+    def loss(params):
+      y, updates = block.apply({**variables, 'params': params}, x, train=True,
+                               mutable=['batch_stats'])
+      return jnp.sum(y * dy), (y, updates['batch_stats'])
+    grads, (y, stats) = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+    return y, stats, grads, jax.jit(block.apply, static_argnames='train')(variables, x,
+                                                                          train=False)
+
+  got, want = run(on), run(off)
+  largest = max(float(jnp.abs(w).max()) for w in jax.tree.leaves(want[2]))
+  for g, w, name in zip(got, want, ('output', 'running averages', 'grads', 'eval'), strict=True):
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True):
+      atol = 2e-5 * (largest if name == 'grads' else float(jnp.abs(b).max()))
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=atol, err_msg=name)
+  # The bias's gradient: exactly the mean's cotangent, zero; XLA's is round-off.
+  np.testing.assert_array_equal(got[2]['Conv_0']['bias'], 0.0)
 
 
 @needs_kernel
