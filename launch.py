@@ -111,7 +111,8 @@ def main(argv):
   logging.info('%s', xla_cpu_flags.status(config.xla_cpu_convolutions))
   logging.info('Config:\n%s', config)
   try:
-    logging.info('%s', onednn_conv.status(config.model.conv_impl, config.model.dtype))
+    logging.info('%s', onednn_conv.status(config.model.conv_impl, config.model.dtype,
+                                          config.model.conv_winograd))
     logging.info('%s', onednn_attention.status(config.model.attention_kernel,
                                                config.model.dtype))
     logging.info('%s', fused_batch_norm.status(config.model.bn_kernel, config.model.dtype))

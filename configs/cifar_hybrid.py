@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA's own, 'auto' oneDNN where it can run (CPU, float32, installed) and XLA's elsewhere.
   # The same convolutions up to float32 rounding.
   config.model.conv_impl = 'auto'
+  # Where oneDNN runs them (conv_impl), the convs' forward and input gradient by Winograd's
+  # F(2x2, 3x3) (hybrid_flax/csrc/winograd.cc): 16 multiply-adds per 4 outputs where the direct
+  # convolution does 36. The same convolution up to float32 rounding (~3e-7 of the largest
+  # output, against ~1e-7 direct); False: oneDNN's direct convolutions.
+  config.model.conv_winograd = True
   # The attention blocks ('deferred' core): 'onednn' runs the core as a C++ kernel
   # (hybrid_flax/onednn_attention.py: per (example, head) the scores stay in cache, oneDNN's
   # sgemm for the products; then attention_grad_chunk_kib is unused) and the dense layers through

@@ -254,11 +254,13 @@ def measure_torch(config, jax_param_count: int, steps: int, warmup: int) -> dict
 def report(config, steps: dict, pipeline: dict | str, torch_rounds: list[dict] | None = None,
            peak_gflops: float = 0.0) -> str:
   """The table; with the PyTorch rounds, their median and, for several, each round's pair."""
+  conv_status = onednn_conv.status(config.model.conv_impl, config.model.dtype,
+                                   config.model.conv_winograd)
   lines = [f'JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
            f'model widths {tuple(config.model.widths)}, attention={config.model.attention}, '
            f'embed={config.model.embed}; {host_cpu.describe()}; {host_memory.status()}; '
            f'{xla_cpu_flags.status(config.xla_cpu_convolutions)}; '
-           f'{onednn_conv.status(config.model.conv_impl, config.model.dtype)}; '
+           f'{conv_status}; '
            f'{onednn_attention.status(config.model.attention_kernel, config.model.dtype)}; '
            f'{fused_batch_norm.status(config.model.bn_kernel, config.model.dtype)}',
            f'{"":10}{"batch":>7}{"img/s":>10}{"steps/s":>9}{"compile s":>11}'

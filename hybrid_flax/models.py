@@ -210,10 +210,10 @@ def conv_with_grad_barrier(lhs, rhs, *args, **kwargs):
   return barrier_conv(lhs, rhs)
 
 
-def conv_function(size: int, grad_barrier: bool, onednn: bool, mesh):
+def conv_function(size: int, grad_barrier: bool, onednn: bool, mesh, winograd: bool = False):
   """The `conv_general_dilated` a `ConvBlock` with these switches runs on `size`-wide maps."""
   if onednn and onednn_conv.covers(size):
-    return onednn_conv.conv_3x3(mesh)
+    return onednn_conv.conv_3x3(mesh, winograd)
   # CPUs only: on a GPU each loop of the barrier would wait for the host.
   if grad_barrier and jax.default_backend() == 'cpu':
     return conv_with_grad_barrier
@@ -237,7 +237,8 @@ class ConvBlock(nn.Module):
 
   `grad_barrier`, on CPUs: the conv's backward reads stored tensors (`conv_with_grad_barrier`).
   `onednn`: maps oneDNN covers (`onednn_conv.covers`) go through it, each device of `mesh`
-  (None: one device) its share of the batch (`onednn_conv.conv_3x3`).
+  (None: one device) its share of the batch (`onednn_conv.conv_3x3`); with `winograd`, their
+  forward and input gradient by Winograd's F(2x2, 3x3) where it covers them.
   `bn_kernel`: batch norm, ReLU and pool as one C++ kernel where it covers the block
   (`fused_batch_norm`), each device of `mesh` likewise; the conv's bias goes into its
   statistics, not onto the maps.
@@ -251,6 +252,7 @@ class ConvBlock(nn.Module):
   dtype: Any = jnp.float32
   grad_barrier: bool = False
   onednn: bool = False
+  winograd: bool = False
   bn_kernel: bool = False
   mesh: Any = None
 
@@ -260,7 +262,7 @@ class ConvBlock(nn.Module):
     conv = dict(features=self.features, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
                 kernel_init=init, dtype=self.dtype,
                 conv_general_dilated=conv_function(min(x.shape[1:3]), self.grad_barrier,
-                                                   self.onednn, self.mesh),
+                                                   self.onednn, self.mesh, self.winograd),
                 name='Conv_0')
     # Named as nn.BatchNorm names itself, so the bias scaler and checkpoints find it either way.
     if self.bn_kernel and fused_batch_norm.covers(x.shape[:3] + (self.features,), self.pool,
@@ -480,6 +482,7 @@ class ResidualBlock(nn.Module):
   dtype: Any = jnp.float32
   grad_barrier: bool = False
   onednn: bool = False
+  winograd: bool = False
   bn_kernel: bool = False
   mesh: Any = None
 
@@ -488,7 +491,8 @@ class ResidualBlock(nn.Module):
     block = functools.partial(ConvBlock, x.shape[-1], bn_momentum=self.bn_momentum,
                               bn_group_size=self.bn_group_size, dirac=self.dirac,
                               dtype=self.dtype, grad_barrier=self.grad_barrier,
-                              onednn=self.onednn, bn_kernel=self.bn_kernel, mesh=self.mesh)
+                              onednn=self.onednn, winograd=self.winograd,
+                              bn_kernel=self.bn_kernel, mesh=self.mesh)
     y = block()(x, train)  # ConvBlock_0, then ConvBlock_1, as checkpoints name them
     y = block()(y, train)
     return x + y
@@ -505,7 +509,8 @@ class HybridNet(nn.Module):
   the oneDNN convs' per-device calls (None: one unsplit call).
   `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
   `onednn`: the convs of maps oneDNN covers (`onednn_conv.covers`) run through it
-  (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`).
+  (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`); `winograd`, their
+  forward and input gradient by Winograd's F(2x2, 3x3) (`model.conv_winograd`).
   `attention_onednn`: the attention core runs through the C++ kernel (`onednn_attention`) and
   the blocks' dense layers through oneDNN's sgemm (`onednn_dense`); from
   `model.attention_kernel`.
@@ -531,6 +536,7 @@ class HybridNet(nn.Module):
   mesh: Any = None
   conv_grad_barrier: bool = False
   onednn: bool = False
+  winograd: bool = False
   attention_onednn: bool = False
   bn_kernel: bool = False
 
@@ -542,8 +548,8 @@ class HybridNet(nn.Module):
         x = ConvBlock(self.widths[i], pool=self.pool[i], bn_momentum=self.bn_momentum,
                       bn_group_size=self.bn_group_size, dirac=self.dirac and i > 0,
                       dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
-                      onednn=self.onednn, bn_kernel=self.bn_kernel, mesh=self.mesh,
-                      name=f'conv{i + 1}')(x, train)
+                      onednn=self.onednn, winograd=self.winograd, bn_kernel=self.bn_kernel,
+                      mesh=self.mesh, name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
                            impl=self.attention_impl,
@@ -553,8 +559,8 @@ class HybridNet(nn.Module):
                            name=f'attention{stage + 1}')(x, train)
       x = ResidualBlock(bn_momentum=self.bn_momentum, bn_group_size=self.bn_group_size,
                         dirac=self.dirac, dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
-                        onednn=self.onednn, bn_kernel=self.bn_kernel, mesh=self.mesh,
-                        name=f'residual{stage + 1}')(x, train)
+                        onednn=self.onednn, winograd=self.winograd, bn_kernel=self.bn_kernel,
+                        mesh=self.mesh, name=f'residual{stage + 1}')(x, train)
     # Global max-pool: the ResNet-9 head's MaxPool2d(4) on its 4x4 map, for any pooling layout.
     x = jnp.max(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -631,6 +637,7 @@ def create_model(model_config, mesh=None) -> HybridNet:
       mesh=mesh,
       conv_grad_barrier=model_config.conv_grad_barrier,
       onednn=onednn_conv.use_onednn(model_config.conv_impl, DTYPES[model_config.dtype]),
+      winograd=model_config.conv_winograd,
       attention_onednn=model_config.attention_impl == 'deferred' and onednn_conv.use_onednn(
           model_config.attention_kernel, DTYPES[model_config.dtype], 'attention_kernel'),
       bn_kernel=onednn_conv.use_onednn(model_config.bn_kernel, DTYPES[model_config.dtype],

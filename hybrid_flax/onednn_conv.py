@@ -49,8 +49,9 @@ BLOCKED_MIN_SIZE = 4
 # (`onednn_attention`, which calls oneDNN's sgemm), the dense layers' sgemm (`onednn_dense`) and
 # the conv blocks' batch norm (`fused_batch_norm`).
 _SOURCES = tuple(pathlib.Path(__file__).with_name('csrc') / name
-                 for name in ('onednn_conv.cc', 'attention.cc', 'dense.cc', 'batch_norm.cc'))
-_HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad')
+                 for name in ('onednn_conv.cc', 'winograd.cc', 'attention.cc', 'dense.cc',
+                              'batch_norm.cc'))
+_HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad', 'HfWinogradConv')
 _OTHER_HANDLERS = ('HfAttentionForward', 'HfAttentionBackward', 'HfMatmul', 'HfBnStats',
                    'HfBnReluForward', 'HfBnReluBackwardSums', 'HfBnReluBackward')
 _INSTALL = 'pip install -e ".[onednn]"'
@@ -159,13 +160,15 @@ def switch_status(subject: str, kernels: str, impl: str, dtype, field: str) -> s
   return f"{subject}: XLA's (model.{field}={impl!r}{why})"
 
 
-def status(impl: str, dtype) -> str:
+def status(impl: str, dtype, winograd: bool = False) -> str:
   """One line for the logs: which kernels run the 3x3 convolutions, and why."""
   small, large = (f'{n}x{n}' for n in (BLOCKED_MIN_SIZE, MIN_SIZE))
-  return switch_status('3x3 convolutions',
-                       f"oneDNN on maps of {small} and larger (below {large} in its blocked "
-                       f"layout, with XLA's weight gradient), XLA's below", impl, dtype,
-                       'conv_impl')
+  kernels = (f"oneDNN on maps of {small} and larger (below {large} in its blocked layout, with "
+             f"XLA's weight gradient), XLA's below")
+  if winograd:
+    kernels += (f"; forward and input gradient by Winograd F(2x2, 3x3) on even maps with "
+                f"{WINOGRAD_MIN_CHANNELS}+ input channels (model.conv_winograd)")
+  return switch_status('3x3 convolutions', kernels, impl, dtype, 'conv_impl')
 
 
 def threads_per_device(mesh) -> int:
@@ -222,14 +225,42 @@ def _small(x) -> bool:
   return min(x.shape[1:3]) < MIN_SIZE
 
 
-def conv_3x3(mesh):
+# Below this many input channels the 16 products are too thin to beat the direct convolution
+# (conv1's 3: 7.4 ms against 2.3).
+WINOGRAD_MIN_CHANNELS = 8
+
+
+def winograd_covers(shape) -> bool:
+  """Whether the Winograd kernel convolves NHWC `shape`: even maps, enough input channels."""
+  return shape[1] % 2 == 0 and shape[2] % 2 == 0 and shape[3] >= WINOGRAD_MIN_CHANNELS
+
+
+def winograd_kernel(w):
+  """The HWIO kernel `w` [3, 3, c, k] in the Winograd domain, G w G^T: [16, c, k], with
+  G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]."""
+  def g(rows):  # G applied along the first axis: element-wise, one fusion (a dot with a
+    # 4-wide side ran at a fraction of memory speed)
+    outer, middle = 0.5 * (rows[0] + rows[2]), 0.5 * rows[1]
+    return jnp.stack([rows[0], outer + middle, outer - middle, rows[2]])
+  return g(jnp.moveaxis(g(w), 1, 0)).transpose(1, 0, 2, 3).reshape((16,) + w.shape[2:])
+
+
+def conv_3x3(mesh, winograd: bool = False):
   """A `jax.lax.conv_general_dilated` for `nn.Conv`, running 3x3, stride-1, padding-1 NHWC/HWIO
   float32 convolutions through oneDNN (on maps narrower than MIN_SIZE the weight gradient
   through XLA): each device of `mesh` (the batch's split; None: one device) its own share of
-  the batch.
+  the batch. `winograd`: the forward and the input gradient by Winograd's F(2x2, 3x3)
+  (`csrc/winograd.cc`) where `winograd_covers` the operand.
   """
   threads = threads_per_device(mesh)
   batch = None if mesh is None else P(mesh.axis_names)
+
+  def winograd_conv(x, u, flip: bool):
+    def fn(x, u):
+      out = jax.ShapeDtypeStruct(x.shape[:3] + (u.shape[1] if flip else u.shape[2],),
+                                 jnp.float32)
+      return jax.ffi.ffi_call(_HANDLERS[3], out)(x, u, flip=flip, threads=np.int64(threads))
+    return on_each_device(mesh, fn, (batch, P()), batch, x.shape[0])(x, u)
 
   def forward(x, w):
     fn = lambda x, w: _call(_HANDLERS[0], x.shape[:3] + w.shape[3:], threads, _small(x), x, w)
@@ -244,16 +275,23 @@ def conv_3x3(mesh):
     fn = lambda x, dy: _call(_HANDLERS[2], (3, 3, x.shape[3], dy.shape[3]), threads, False, x, dy)
     return summed_on_each_device(mesh, fn, (batch, batch), x.shape[0])(x, dy)
 
+  def conv_forward(x, w):
+    # The transformed kernel serves the input gradient too (`flip`): worked out once a step.
+    u = None
+    if winograd and (winograd_covers(x.shape) or winograd_covers(x.shape[:3] + w.shape[3:])):
+      u = winograd_kernel(w)
+    y = winograd_conv(x, u, False) if u is not None and winograd_covers(x.shape) else forward(x, w)
+    return y, (x, w, u)
+
   @jax.custom_vjp
   def conv(x, w):
-    return forward(x, w)
-
-  def conv_forward(x, w):
-    return forward(x, w), (x, w)
+    return conv_forward(x, w)[0]
 
   def conv_backward(saved, dy):
-    x, w = saved
-    return input_grad(dy, w), _xla_weight_grad(x, dy, w) if _small(x) else weight_grad(x, dy)
+    x, w, u = saved
+    dx = winograd_conv(dy, u, True) if u is not None and winograd_covers(dy.shape) else (
+        input_grad(dy, w))
+    return dx, _xla_weight_grad(x, dy, w) if _small(x) else weight_grad(x, dy)
 
   conv.defvjp(conv_forward, conv_backward)
 

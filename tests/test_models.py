@@ -244,11 +244,13 @@ def test_conv_grad_barrier_keeps_the_convolutions_values_and_gradients():
   assert 'while' in str(jax.make_jaxpr(lambda x, w: jax.vjp(barrier, x, w)[1](dy))(x, w))
 
 
-def _switched_models(field: str, off_value):
-  """The tiny config's model as configured and with `model.<field>` = `off_value`, the
-  parameters, and a jitted gradient of a fixed loss taking (params, model)."""
+def _switched_models(field: str, off_value, **overrides):
+  """The tiny config's model (with `overrides` of its model fields) as configured and with
+  `model.<field>` = `off_value`, the parameters, and a jitted gradient of a fixed loss taking
+  (params, model)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
   config = cifar_tiny.get_config().model
+  config.update(overrides)
   on = models.create_model(config)
   config[field] = off_value
   off = models.create_model(config)
@@ -276,12 +278,12 @@ needs_onednn = pytest.mark.skipif(onednn_conv.unavailable_reason() is not None,
                                   reason=f'oneDNN unavailable: {onednn_conv.unavailable_reason()}')
 
 
-def _custom_calls_with_xla_s_gradients(field: str, flag: str, counts: dict):
+def _custom_calls_with_xla_s_gradients(field: str, flag: str, counts: dict, **overrides):
   """`model.<field>`'s 'auto' (every config's default) against 'xla': the model flag it sets,
   each custom call's count in the gradient's HLO (none with 'xla'), and XLA's gradients.
   Returns the two models and the parameters."""
   assert cifar_tiny.get_config().model[field] == 'auto'
-  on, off, params, grad = _switched_models(field, 'xla')
+  on, off, params, grad = _switched_models(field, 'xla', **overrides)
   assert getattr(on, flag) and not getattr(off, flag)
   hlo, off_hlo = (grad.lower(params, model).as_text() for model in (on, off))
   for text, count in counts.items():
@@ -293,13 +295,30 @@ def _custom_calls_with_xla_s_gradients(field: str, flag: str, counts: dict):
 
 @needs_onednn
 def test_conv_impl_auto_runs_the_convs_through_onednn_to_xla_s_gradients():
-  # conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8) all three ways;
-  # residual2's two (4x4) forward and input grad, in the blocked layout, their weight grad XLA's.
+  # With Winograd (the default) every conv's forward and input gradient but conv1's (3 input
+  # channels: its forward direct, its input needs no gradient) runs it, residual2's 4x4 maps
+  # too; conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8) take oneDNN's
+  # weight gradient, residual2's two XLA's.
+  assert cifar_tiny.get_config().model.conv_winograd
   _custom_calls_with_xla_s_gradients('conv_impl', 'onednn', {
+      'custom_call @HfConvForward(': 1,
+      'custom_call @HfConvInputGrad(': 0,
+      'custom_call @HfWinogradConv(': 2 * 7,
+      'custom_call @HfConvWeightGrad(': 6,
+      'blocked = 1': 0})
+
+
+@needs_onednn
+def test_conv_impl_auto_without_winograd_runs_onednn_s_direct_convs_to_xla_s_gradients():
+  # All three ways as above; residual2's two (4x4) forward and input grad in the blocked
+  # layout, their weight grad XLA's.
+  on, _, _ = _custom_calls_with_xla_s_gradients('conv_impl', 'onednn', {
       'custom_call @HfConvForward(': 8,
       'custom_call @HfConvInputGrad(': 8 - 1,  # conv1's input needs no gradient
+      'custom_call @HfWinogradConv(': 0,
       'custom_call @HfConvWeightGrad(': 6,
-      'blocked = 1': 4})
+      'blocked = 1': 4}, conv_winograd=False)
+  assert not on.winograd
 
 
 @needs_onednn

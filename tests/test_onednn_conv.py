@@ -30,8 +30,8 @@ _XLA_CONV = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1
                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _onednn_conv(mesh):
-  conv = onednn_conv.conv_3x3(mesh)
+def _onednn_conv(mesh, winograd=False):
+  conv = onednn_conv.conv_3x3(mesh, winograd)
   return lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)))
 
 
@@ -64,6 +64,45 @@ def test_conv_3x3_matches_xla_values_and_gradients(devices, batch, height, width
 
 
 @needs_onednn
+@pytest.mark.parametrize('devices,batch', [(4, 8), (1, 3), (4, 1)])
+@pytest.mark.parametrize('shape,out,calls', [
+    ((8, 6, 16), 17, 2),  # forward and input gradient; 17: no vector width divides it
+    ((4, 4, 9), 8, 2),  # the smallest maps, one tile per 2x2 block of them
+    ((6, 6, 3), 12, 1),  # 3 input channels: the forward stays direct, the input gradient not
+    ((5, 6, 16), 16, 0),  # odd maps: both direct
+])
+def test_winograd_matches_xla_values_and_gradients(devices, batch, shape, out, calls):
+  """F(2x2, 3x3) for the forward and, from the same transformed kernel turned round, the input
+  gradient, where `winograd_covers` them; oneDNN's direct convolutions elsewhere."""
+  assert onednn_conv.WINOGRAD_MIN_CHANNELS in range(4, 9)
+  mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(keys[0], (batch,) + shape)
+  w = jax.random.normal(keys[1], (3, 3, shape[-1], out))
+  dy = jax.random.normal(keys[2], (batch,) + shape[:2] + (out,))
+  if batch % devices == 0:
+    x, dy = (jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, dy))
+  conv = _onednn_conv(mesh, winograd=True)
+  hlo = jax.jit(lambda x, w, dy: (conv(x, w), *jax.vjp(conv, x, w)[1](dy))).lower(
+      x, w, dy).as_text()
+  assert hlo.count('custom_call @HfWinogradConv(') == calls
+  got = _values_and_grads(conv, x, w, dy)
+  want = _values_and_grads(_XLA_CONV, x, w, dy)
+  for g, ref, name in zip(got, want, ('output', 'input grad', 'kernel grad'), strict=True):
+    assert g.shape == ref.shape, name
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=2e-6 * float(jnp.abs(ref).max()),
+                               err_msg=name)
+
+
+def test_winograd_kernel_is_g_w_g_transposed():
+  g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+  w = np.random.default_rng(0).normal(size=(3, 3, 5, 7))
+  want = np.einsum('ia,abck,jb->ijck', g, w, g).reshape(16, 5, 7)
+  np.testing.assert_allclose(onednn_conv.winograd_kernel(jnp.asarray(w, jnp.float32)), want,
+                             rtol=1e-6, atol=1e-6)
+
+
+@needs_onednn
 def test_conv_3x3_with_no_mesh_runs_one_unsplit_call():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
   w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 4))
@@ -85,12 +124,13 @@ def test_conv_3x3_refuses_what_it_does_not_run():
 
 @needs_onednn
 def test_the_sharded_train_step_runs_onednn_on_each_device():
-  """The training step as train.py jits it, batch split over 4 devices: oneDNN in the program,
-  and the same loss as with XLA's convolutions."""
+  """The training step as train.py jits it, batch split over 4 devices: oneDNN's direct
+  convolutions or Winograd's in the program, and the same losses as with XLA's convolutions."""
   losses = {}
-  for impl in ('onednn', 'xla'):
+  for impl, winograd in (('onednn', False), ('onednn', True), ('xla', False)):
     config = cifar_tiny.get_config()
     config.model.conv_impl = impl
+    config.model.conv_winograd = winograd
     mesh = train.data_mesh()
     assert mesh.size == 4
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
@@ -103,11 +143,21 @@ def test_the_sharded_train_step_runs_onednn_on_each_device():
         'index': np.arange(8, dtype=np.int32), 'mask': np.ones((8,), np.float32)}, data)
     step = jax.jit(train.make_train_step(config, lr, 10), in_shardings=(replicated, data),
                    out_shardings=(replicated, replicated))
-    assert ('HfConvForward' in step.lower(state, batch).as_text()) == (impl == 'onednn')
-    state, metrics = step(state, batch)
-    state, metrics = step(state, batch)  # a second step: the first one's update applied
-    losses[impl] = float(metrics['loss'])
-  assert losses['onednn'] == pytest.approx(losses['xla'], rel=1e-4)
+    hlo = step.lower(state, batch).as_text()
+    assert ('HfConvForward' in hlo) == (impl == 'onednn')  # conv1's 3 channels stay direct
+    assert ('HfWinogradConv' in hlo) == winograd
+    state, first = step(state, batch)
+    state, second = step(state, batch)  # a second step: the first one's update applied
+    losses[impl, winograd] = float(first['loss']), float(second['loss'])
+  want = losses['xla', False]
+  for (impl, winograd), (first, second) in losses.items():
+    assert first == pytest.approx(want[0], rel=1e-5), (impl, winograd)
+    # Winograd rounds differently (~3e-7 of a layer's largest output, against ~1e-7 direct),
+    # and one of conv2's pooled maxima here lies 2e-7 from the ReLU's kink: it lands on the
+    # other side, its gradient drops out of a per-channel sum that nearly cancels (sum 0.096
+    # of 7.4 in absolute values), and conv2's batch-norm bias gradient moves 1.7%, the second
+    # step's loss 3e-4 (measured in float64 from both runs' conv2 outputs).
+    assert second == pytest.approx(want[1], rel=2e-3 if winograd else 1e-4), (impl, winograd)
 
 
 def test_conv_impl_is_checked_and_refused_with_its_reason():
@@ -125,6 +175,11 @@ def test_conv_impl_is_checked_and_refused_with_its_reason():
   assert 'bfloat16, not float32' in onednn_conv.status('auto', 'bfloat16')
   assert onednn_conv.status('xla', 'float32') == (
       "3x3 convolutions: XLA's (model.conv_impl='xla')")
+  assert onednn_conv.status('xla', 'float32', winograd=True) == (
+      "3x3 convolutions: XLA's (model.conv_impl='xla')")
+  if onednn_conv.unavailable_reason() is None:
+    assert 'Winograd' in onednn_conv.status('auto', 'float32', winograd=True)
+    assert 'Winograd' not in onednn_conv.status('auto', 'float32')
 
 
 def test_a_missing_compiler_or_wheel_is_named(monkeypatch, tmp_path):

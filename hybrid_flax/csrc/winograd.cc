@@ -1,0 +1,153 @@
+// A 3x3, stride-1, padding-1 NHWC float32 convolution by Winograd's F(2x2, 3x3) algorithm, as
+// an XLA FFI handler: the forward convolutions and their input gradients (the same operation on
+// the output gradient with the kernel turned round and transposed, read from the forward's
+// transformed kernel: `flip`). Each 2x2 block of outputs ("tile") comes
+// from its 4x4 window of inputs: the window goes through the input transform V = B^T d B (adds
+// only), its 16 positions multiply the transformed kernel U = G g G^T (done in XLA, which also
+// differentiates it) as 16 matrix products over the channels, and the output transform
+// A^T M A (adds only) gives the tile: 16 multiply-adds per input-output channel pair for 4
+// outputs where the direct convolution does 36. Tiles go 64 at a time, so one block's
+// transformed inputs and products stay in the core's cache between the three steps. Built with
+// onednn_conv.cc by hybrid_flax/onednn_conv.py, which says why.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // tiles per block: 16 x 64 rows of each product's operands
+
+// d: the window's 16 input rows (row-major over the 4x4 window; padding points at zeros);
+// v: the 16 transformed rows. Cloned for AVX-512 and AVX2 hosts, picked when the library loads.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void InputTransform(const float* const* d, float* const* v, int64_t c) {
+#pragma omp simd
+  for (int64_t i = 0; i < c; ++i) {
+    float t[4][4];  // B^T d
+    for (int b = 0; b < 4; ++b) {
+      const float d0 = d[b][i], d1 = d[4 + b][i], d2 = d[8 + b][i], d3 = d[12 + b][i];
+      t[0][b] = d0 - d2;
+      t[1][b] = d1 + d2;
+      t[2][b] = d2 - d1;
+      t[3][b] = d1 - d3;
+    }
+    for (int a = 0; a < 4; ++a) {
+      v[4 * a][i] = t[a][0] - t[a][2];
+      v[4 * a + 1][i] = t[a][1] + t[a][2];
+      v[4 * a + 2][i] = t[a][2] - t[a][1];
+      v[4 * a + 3][i] = t[a][1] - t[a][3];
+    }
+  }
+}
+
+// m: a tile's 16 product rows; o: its four output rows (row-major over the 2x2 block).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void OutputTransform(const float* const* m, float* const* o, int64_t k) {
+#pragma omp simd
+  for (int64_t i = 0; i < k; ++i) {
+    float t[2][4];  // A^T m
+    for (int b = 0; b < 4; ++b) {
+      t[0][b] = m[b][i] + m[4 + b][i] + m[8 + b][i];
+      t[1][b] = m[4 + b][i] - m[8 + b][i] - m[12 + b][i];
+    }
+    for (int a = 0; a < 2; ++a) {
+      o[2 * a][i] = t[a][0] + t[a][1] + t[a][2];
+      o[2 * a + 1][i] = t[a][1] - t[a][2] - t[a][3];
+    }
+  }
+}
+
+// x: [n, h, w, c]; u: [16, c, k], the transformed kernel, or with `flip` [16, k, c], the
+// transformed kernel of the convolution whose input gradient this is; y: [n, h, w, k]; h and w
+// even. Turning a 3x3 kernel round swaps the first and last rows of G g (G's middle rows are
+// symmetric), so position (i, j) reads the forward's (s(i), s(j)), s swapping 0 and 3,
+// transposed.
+void ConvOrThrow(const float* x, const float* u, float* y, int64_t n, int64_t h, int64_t w,
+                 int64_t c, int64_t k, bool flip, int64_t threads) {
+  static constexpr int kSwap[4] = {3, 1, 2, 0};
+  const int64_t th = h / 2, tw = w / 2, tiles = n * th * tw;
+  const int64_t blocks = (tiles + kBlock - 1) / kBlock;
+  // Per calling thread, as the convolutions set it: each device's XLA thread runs its own share
+  // of the batch, and a one-thread region's sgemm would otherwise take every core.
+  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  const int team = omp_get_max_threads();
+  // Each thread's transformed inputs, products, and a row of zeros for the padding.
+  const int64_t per_thread = 16 * kBlock * (c + k) + c;
+  std::vector<float> scratch(static_cast<size_t>(team) * per_thread, 0.0f);
+  bool failed = false;
+#pragma omp parallel num_threads(team) reduction(|| : failed)
+  {
+    float* v = scratch.data() + omp_get_thread_num() * per_thread;
+    float* m = v + 16 * kBlock * c;
+    const float* zeros = m + 16 * kBlock * k;
+    const float* d[16];
+    float* rows[16];
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t first = block * kBlock, count = std::min(kBlock, tiles - first);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t t = first + i, b = t / (th * tw), ty = t / tw % th, tx = t % tw;
+        for (int a = 0; a < 16; ++a) {
+          const int64_t row = 2 * ty - 1 + a / 4, col = 2 * tx - 1 + a % 4;
+          const bool inside = row >= 0 && row < h && col >= 0 && col < w;
+          d[a] = inside ? x + ((b * h + row) * w + col) * c : zeros;
+          rows[a] = v + (a * kBlock + i) * c;
+        }
+        InputTransform(d, rows, c);
+      }
+      for (int p = 0; p < 16 && !failed; ++p) {
+        const float* up = u + (flip ? kSwap[p / 4] * 4 + kSwap[p % 4] : p) * c * k;
+        failed = dnnl_sgemm('N', flip ? 'T' : 'N', count, k, c, 1.0f, v + p * kBlock * c, c, up,
+                            flip ? c : k, 0.0f, m + p * kBlock * k, k) != dnnl_success;
+      }
+      for (int64_t i = 0; i < count && !failed; ++i) {
+        const int64_t t = first + i, b = t / (th * tw), ty = t / tw % th, tx = t % tw;
+        for (int a = 0; a < 16; ++a) d[a] = m + (a * kBlock + i) * k;
+        for (int a = 0; a < 4; ++a) rows[a] = y + ((b * h + 2 * ty + a / 2) * w + 2 * tx + a % 2) * k;
+        OutputTransform(d, rows, k);
+      }
+    }
+  }
+  if (failed) throw std::runtime_error("oneDNN's sgemm failed");
+}
+
+ffi::Error Conv(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> y,
+                bool flip, int64_t threads) {
+  auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || ud.size() != 3 || yd.size() != 4 || ud[0] != 16 ||
+      ud[flip ? 2 : 1] != xd[3] || yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != xd[2] ||
+      yd[3] != ud[flip ? 1 : 2] || xd[1] % 2 || xd[2] % 2) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "winograd: x must be [n, h, w, c] with h and w even, u [16, c, k] ([16, k, "
+                      "c] with flip) and y [n, h, w, k]");
+  }
+  try {
+    ConvOrThrow(x.typed_data(), u.typed_data(), y->typed_data(), xd[0], xd[1], xd[2], xd[3],
+                yd[3], flip, threads);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "winograd: out of host memory");
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("winograd: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HfWinogradConv, Conv,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("flip")
+                                  .Attr<int64_t>("threads"));
