@@ -277,6 +277,11 @@ def report(config, steps: dict, pipeline: dict | str, torch_rounds: list[dict] |
     lines.append('% of the given peak (' + f'{peak_gflops:,.0f} GFLOP/s): ' + ', '.join(
         f'{name} {100 * steps[name]["gflops_per_sec"] / peak_gflops:.1f}%'
         for name in ('train', 'eval')))
+    if 'Winograd' in conv_status:
+      # XLA counts the direct convolutions' multiply-adds; Winograd's F(2x2, 3x3) does 4/9 of
+      # them for the forward and input gradient, so these are effective rates.
+      lines[-1] += (" (XLA's count of the direct convolutions' FLOPs: effective, Winograd "
+                    "does fewer)")
   if isinstance(pipeline, str):
     lines.append(f'pipeline  skipped: {pipeline}')
   else:
