@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA's own, 'auto' oneDNN where it can run (CPU, float32, installed) and XLA's elsewhere.
   # The same convolutions up to float32 rounding.
   config.model.conv_impl = 'auto'
-  # Where oneDNN runs them (conv_impl), the convs' forward and input gradient by Winograd's
+  # Where oneDNN runs them (conv_impl), the convs' forward and both gradients by Winograd's
   # F(2x2, 3x3) (hybrid_flax/csrc/winograd.cc): 16 multiply-adds per 4 outputs where the direct
   # convolution does 36. The same convolution up to float32 rounding (~3e-7 of the largest
   # output, against ~1e-7 direct); False: oneDNN's direct convolutions.

@@ -237,8 +237,8 @@ class ConvBlock(nn.Module):
 
   `grad_barrier`, on CPUs: the conv's backward reads stored tensors (`conv_with_grad_barrier`).
   `onednn`: maps oneDNN covers (`onednn_conv.covers`) go through it, each device of `mesh`
-  (None: one device) its share of the batch (`onednn_conv.conv_3x3`); with `winograd`, their
-  forward and input gradient by Winograd's F(2x2, 3x3) where it covers them.
+  (None: one device) its share of the batch (`onednn_conv.conv_3x3`); with `winograd`, by
+  Winograd's F(2x2, 3x3) where it covers them.
   `bn_kernel`: batch norm, ReLU and pool as one C++ kernel where it covers the block
   (`fused_batch_norm`), each device of `mesh` likewise; the conv's bias goes into its
   statistics, not onto the maps.
@@ -509,8 +509,8 @@ class HybridNet(nn.Module):
   the oneDNN convs' per-device calls (None: one unsplit call).
   `conv_grad_barrier`: every conv's backward reads stored tensors on CPUs (`ConvBlock`).
   `onednn`: the convs of maps oneDNN covers (`onednn_conv.covers`) run through it
-  (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`); `winograd`, their
-  forward and input gradient by Winograd's F(2x2, 3x3) (`model.conv_winograd`).
+  (`ConvBlock`; `onednn_conv.use_onednn` decides it from `model.conv_impl`); `winograd`, by
+  Winograd's F(2x2, 3x3) (`model.conv_winograd`).
   `attention_onednn`: the attention core runs through the C++ kernel (`onednn_attention`) and
   the blocks' dense layers through oneDNN's sgemm (`onednn_dense`); from
   `model.attention_kernel`.

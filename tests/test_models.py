@@ -295,16 +295,16 @@ def _custom_calls_with_xla_s_gradients(field: str, flag: str, counts: dict, **ov
 
 @needs_onednn
 def test_conv_impl_auto_runs_the_convs_through_onednn_to_xla_s_gradients():
-  # With Winograd (the default) every conv's forward and input gradient but conv1's (3 input
-  # channels: its forward direct, its input needs no gradient) runs it, residual2's 4x4 maps
-  # too; conv1 and conv2 (32x32), residual1's two and conv3 (16x16), conv4 (8x8) take oneDNN's
-  # weight gradient, residual2's two XLA's.
+  # With Winograd (the default) every conv but conv1 (3 input channels: its forward and weight
+  # gradient direct, its input needs no gradient) runs it all three ways, residual2's 4x4 maps
+  # too.
   assert cifar_tiny.get_config().model.conv_winograd
   _custom_calls_with_xla_s_gradients('conv_impl', 'onednn', {
       'custom_call @HfConvForward(': 1,
       'custom_call @HfConvInputGrad(': 0,
+      'custom_call @HfConvWeightGrad(': 1,
       'custom_call @HfWinogradConv(': 2 * 7,
-      'custom_call @HfConvWeightGrad(': 6,
+      'custom_call @HfWinogradWeightGrad(': 7,
       'blocked = 1': 0})
 
 
@@ -316,6 +316,7 @@ def test_conv_impl_auto_without_winograd_runs_onednn_s_direct_convs_to_xla_s_gra
       'custom_call @HfConvForward(': 8,
       'custom_call @HfConvInputGrad(': 8 - 1,  # conv1's input needs no gradient
       'custom_call @HfWinogradConv(': 0,
+      'custom_call @HfWinogradWeightGrad(': 0,
       'custom_call @HfConvWeightGrad(': 6,
       'blocked = 1': 4}, conv_winograd=False)
   assert not on.winograd

@@ -66,14 +66,16 @@ def test_conv_3x3_matches_xla_values_and_gradients(devices, batch, height, width
 @needs_onednn
 @pytest.mark.parametrize('devices,batch', [(4, 8), (1, 3), (4, 1)])
 @pytest.mark.parametrize('shape,out,calls', [
-    ((8, 6, 16), 17, 2),  # forward and input gradient; 17: no vector width divides it
-    ((4, 4, 9), 8, 2),  # the smallest maps, one tile per 2x2 block of them
-    ((6, 6, 3), 12, 1),  # 3 input channels: the forward stays direct, the input gradient not
-    ((5, 6, 16), 16, 0),  # odd maps: both direct
+    ((8, 6, 16), 17, (2, 1)),  # all three; 17: no vector width divides it
+    ((4, 4, 9), 8, (2, 1)),  # the smallest maps, one tile per 2x2 block of them
+    ((6, 6, 3), 12, (1, 0)),  # 3 input channels: the input gradient only
+    ((5, 6, 16), 16, (0, 0)),  # odd maps: all direct
 ])
 def test_winograd_matches_xla_values_and_gradients(devices, batch, shape, out, calls):
   """F(2x2, 3x3) for the forward and, from the same transformed kernel turned round, the input
-  gradient, where `winograd_covers` them; oneDNN's direct convolutions elsewhere."""
+  gradient, and the weight gradient through the transformed kernel's, where `winograd_covers`
+  the operand (the input for the forward and weight gradient, the output gradient for the
+  input gradient); oneDNN's direct convolutions elsewhere."""
   assert onednn_conv.WINOGRAD_MIN_CHANNELS in range(4, 9)
   mesh = Mesh(np.asarray(jax.devices()[:devices]), ('data',))
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -85,7 +87,8 @@ def test_winograd_matches_xla_values_and_gradients(devices, batch, shape, out, c
   conv = _onednn_conv(mesh, winograd=True)
   hlo = jax.jit(lambda x, w, dy: (conv(x, w), *jax.vjp(conv, x, w)[1](dy))).lower(
       x, w, dy).as_text()
-  assert hlo.count('custom_call @HfWinogradConv(') == calls
+  assert hlo.count('custom_call @HfWinogradConv(') == calls[0]
+  assert hlo.count('custom_call @HfWinogradWeightGrad(') == calls[1]
   got = _values_and_grads(conv, x, w, dy)
   want = _values_and_grads(_XLA_CONV, x, w, dy)
   for g, ref, name in zip(got, want, ('output', 'input grad', 'kernel grad'), strict=True):
