@@ -14,6 +14,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -81,6 +84,9 @@ struct Tiles {
   }
 };
 
+// `n` floats rounded up to whole 64-byte lines.
+constexpr int64_t Lines(int64_t n) { return (n + 15) / 16 * 16; }
+
 // Runs block_fn(first tile, tile count, scratch) for every block of kBlock tiles on `threads`
 // OpenMP threads, each with `per_thread` zeroed floats of its own. Nothing may throw inside an
 // OpenMP region, so a failed block reports false and this throws after it.
@@ -91,11 +97,19 @@ void ForEachBlock(const Tiles& tiles, int64_t threads, int64_t per_thread, F blo
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   const int team = omp_get_max_threads();
   const int64_t blocks = (tiles.count() + kBlock - 1) / kBlock;
-  std::vector<float> scratch(static_cast<size_t>(team) * per_thread, 0.0f);
+  // 64-byte aligned, every part of it: sgemm's summation order depends on its operands'
+  // alignment, and malloc's varies from run to run, which made a resumed run differ from an
+  // uninterrupted one in the last bits.
+  per_thread = Lines(per_thread);
+  const size_t bytes = static_cast<size_t>(team) * per_thread * sizeof(float);
+  std::unique_ptr<float, decltype(&std::free)> scratch(
+      static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+  if (scratch == nullptr) throw std::bad_alloc();
+  std::memset(scratch.get(), 0, bytes);
   bool failed = false;
 #pragma omp parallel num_threads(team) reduction(|| : failed)
   {
-    float* mine = scratch.data() + omp_get_thread_num() * per_thread;
+    float* mine = scratch.get() + omp_get_thread_num() * per_thread;
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t first = block * kBlock;
@@ -130,10 +144,10 @@ void ConvOrThrow(const float* x, const float* u, float* y, const Tiles& tiles, i
                  int64_t k, bool flip, int64_t threads) {
   static constexpr int kSwap[4] = {3, 1, 2, 0};
   // Each thread's transformed inputs, products, and a row of zeros for the padding.
-  ForEachBlock(tiles, threads, 16 * kBlock * (c + k) + c,
+  ForEachBlock(tiles, threads, 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c),
                [&](int64_t first, int64_t count, float* v) {
-    float* m = v + 16 * kBlock * c;
-    TransformInputs(x, tiles, c, first, count, m + 16 * kBlock * k, v);
+    float* m = v + 16 * kBlock * Lines(c);
+    TransformInputs(x, tiles, c, first, count, m + 16 * kBlock * Lines(k), v);
     for (int p = 0; p < 16; ++p) {
       const float* up = u + (flip ? kSwap[p / 4] * 4 + kSwap[p % 4] : p) * c * k;
       if (dnnl_sgemm('N', flip ? 'T' : 'N', count, k, c, 1.0f, v + p * kBlock * c, c, up,
@@ -180,14 +194,15 @@ void OutputTransformAdjoint(const float* const* dy, float* const* dm, int64_t k)
 // gradient's adjoint transform, summed over the tiles (each thread its own sums, then added).
 void WeightGradOrThrow(const float* x, const float* dy, float* du, const Tiles& tiles, int64_t c,
                        int64_t k, int64_t threads) {
-  const int64_t sums = 16 * c * k, per_thread = 16 * kBlock * (c + k) + c + sums;
+  const int64_t sums = 16 * c * k;
+  const int64_t per_thread = 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c) + sums;
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   const int team = omp_get_max_threads();
   std::vector<float*> totals(team);
   ForEachBlock(tiles, team, per_thread, [&](int64_t first, int64_t count, float* v) {
-    float* m = v + 16 * kBlock * c;
-    const float* zeros = m + 16 * kBlock * k;
-    float* total = m + 16 * kBlock * k + c;
+    float* m = v + 16 * kBlock * Lines(c);
+    const float* zeros = m + 16 * kBlock * Lines(k);
+    float* total = m + 16 * kBlock * Lines(k) + Lines(c);
     totals[omp_get_thread_num()] = total;
     TransformInputs(x, tiles, c, first, count, zeros, v);
     const float* rows[4];
