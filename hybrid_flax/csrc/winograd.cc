@@ -97,9 +97,9 @@ void ForEachBlock(const Tiles& tiles, int64_t threads, int64_t per_thread, F blo
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
   const int team = omp_get_max_threads();
   const int64_t blocks = (tiles.count() + kBlock - 1) / kBlock;
-  // 64-byte aligned, every part of it: sgemm's summation order depends on its operands'
-  // alignment, and malloc's varies from run to run, which made a resumed run differ from an
-  // uninterrupted one in the last bits.
+  // 64-byte aligned, every part of it, so that sgemm sees the same operand alignment in every
+  // run (malloc's varies). A guess at why CI's resumed runs stopped matching uninterrupted
+  // ones with Winograd on; it did not cure that (docs/benchmark.md).
   per_thread = Lines(per_thread);
   const size_t bytes = static_cast<size_t>(team) * per_thread * sizeof(float);
   std::unique_ptr<float, decltype(&std::free)> scratch(
