@@ -87,19 +87,27 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get('HYBRID_FLAX_CACHE', default / 'hybrid_flax'))
 
 
-def _build() -> pathlib.Path:
-  """The compiled handler library, built now unless the cache has this build already."""
+def toolchain() -> tuple[list[str], list[str]]:
+  """The C++ compiler with the include flags for oneDNN's and XLA's FFI headers, and the flags
+  that link oneDNN; raises Unavailable naming what is missing."""
   library = _find('onednn-cpu-gomp', '/libdnnl.so')
   header = _find('onednn-devel-cpu-gomp', '/oneapi/dnnl/dnnl.hpp')
   include = header.parent.parent.parent
-  names = ' and '.join(source.name for source in _SOURCES)
   compiler = shutil.which(os.environ.get('CXX', 'g++'))
   if compiler is None:
+    names = ' and '.join(source.name for source in _SOURCES)
     raise Unavailable(f'no C++ compiler to build {names} with (set $CXX or install g++)')
+  return ([compiler, f'-I{include}', f'-I{jax.ffi.include_dir()}'],
+          [f'-L{library.parent}', '-ldnnl', f'-Wl,-rpath,{library.parent}'])
+
+
+def _build() -> pathlib.Path:
+  """The compiled handler library, built now unless the cache has this build already."""
+  names = ' and '.join(source.name for source in _SOURCES)
+  (compiler, *includes), link = toolchain()
   # -O3: the attention's softmax loops must vectorize.
-  command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', f'-I{include}',
-             f'-I{jax.ffi.include_dir()}', *map(str, _SOURCES), f'-L{library.parent}', '-ldnnl',
-             f'-Wl,-rpath,{library.parent}']
+  command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', *includes,
+             *map(str, _SOURCES), *link]
   # A new source, jaxlib (its FFI headers) or oneDNN gets a new build.
   key = hashlib.sha256(b''.join(source.read_bytes() for source in _SOURCES) +
                        ' '.join(command).encode() + jax.lib.__version__.encode()).hexdigest()[:16]

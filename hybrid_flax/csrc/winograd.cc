@@ -87,29 +87,35 @@ struct Tiles {
 // `n` floats rounded up to whole 64-byte lines.
 constexpr int64_t Lines(int64_t n) { return (n + 15) / 16 * 16; }
 
-// Runs block_fn(first tile, tile count, scratch) for every block of kBlock tiles on `threads`
-// OpenMP threads, each with `per_thread` zeroed floats of its own. Nothing may throw inside an
-// OpenMP region, so a failed block reports false and this throws after it.
-template <typename F>
-void ForEachBlock(const Tiles& tiles, int64_t threads, int64_t per_thread, F block_fn) {
-  // Per calling thread, as the convolutions set it: each device's XLA thread runs its own share
-  // of the batch, and a one-thread region's sgemm would otherwise take every core.
+// The OpenMP team of a region here: `threads` (0: OpenMP's default), set per calling thread,
+// as the convolutions set it: each device's XLA thread runs its own share of the batch, and a
+// one-thread region's sgemm would otherwise take every core.
+int Team(int64_t threads) {
   if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-  const int team = omp_get_max_threads();
-  const int64_t blocks = (tiles.count() + kBlock - 1) / kBlock;
-  // 64-byte aligned, every part of it, so that sgemm sees the same operand alignment in every
-  // run (malloc's varies). A guess at why CI's resumed runs stopped matching uninterrupted
-  // ones with Winograd on; it did not cure that (docs/benchmark.md).
-  per_thread = Lines(per_thread);
-  const size_t bytes = static_cast<size_t>(team) * per_thread * sizeof(float);
+  return omp_get_max_threads();
+}
+
+// `team` threads' scratch, `per_thread` zeroed floats each, every part starting on a cache line
+// of its own. The caller owns it: the weight gradient's per-thread sums live in it until added.
+std::unique_ptr<float, decltype(&std::free)> Scratch(int team, int64_t per_thread) {
+  const size_t bytes = static_cast<size_t>(team) * Lines(per_thread) * sizeof(float);
   std::unique_ptr<float, decltype(&std::free)> scratch(
       static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
   if (scratch == nullptr) throw std::bad_alloc();
   std::memset(scratch.get(), 0, bytes);
+  return scratch;
+}
+
+// Runs block_fn(first tile, tile count, thread's scratch) for every block of kBlock tiles on
+// `team` OpenMP threads, thread i's scratch at scratch + i * Lines(per_thread). Nothing may
+// throw inside an OpenMP region, so a failed block reports false and this throws after it.
+template <typename F>
+void ForEachBlock(const Tiles& tiles, int team, float* scratch, int64_t per_thread, F block_fn) {
+  const int64_t blocks = (tiles.count() + kBlock - 1) / kBlock;
   bool failed = false;
 #pragma omp parallel num_threads(team) reduction(|| : failed)
   {
-    float* mine = scratch.get() + omp_get_thread_num() * per_thread;
+    float* mine = scratch + omp_get_thread_num() * Lines(per_thread);
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t first = block * kBlock;
@@ -144,7 +150,10 @@ void ConvOrThrow(const float* x, const float* u, float* y, const Tiles& tiles, i
                  int64_t k, bool flip, int64_t threads) {
   static constexpr int kSwap[4] = {3, 1, 2, 0};
   // Each thread's transformed inputs, products, and a row of zeros for the padding.
-  ForEachBlock(tiles, threads, 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c),
+  const int team = Team(threads);
+  const int64_t per_thread = 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c);
+  const auto scratch = Scratch(team, per_thread);
+  ForEachBlock(tiles, team, scratch.get(), per_thread,
                [&](int64_t first, int64_t count, float* v) {
     float* m = v + 16 * kBlock * Lines(c);
     TransformInputs(x, tiles, c, first, count, m + 16 * kBlock * Lines(k), v);
@@ -196,10 +205,12 @@ void WeightGradOrThrow(const float* x, const float* dy, float* du, const Tiles& 
                        int64_t k, int64_t threads) {
   const int64_t sums = 16 * c * k;
   const int64_t per_thread = 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c) + sums;
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-  const int team = omp_get_max_threads();
+  const int team = Team(threads);
+  // Outlives the region: the sums are added up after it.
+  const auto scratch = Scratch(team, per_thread);
   std::vector<float*> totals(team);
-  ForEachBlock(tiles, team, per_thread, [&](int64_t first, int64_t count, float* v) {
+  ForEachBlock(tiles, team, scratch.get(), per_thread,
+               [&](int64_t first, int64_t count, float* v) {
     float* m = v + 16 * kBlock * Lines(c);
     const float* zeros = m + 16 * kBlock * Lines(k);
     float* total = m + 16 * kBlock * Lines(k) + Lines(c);
