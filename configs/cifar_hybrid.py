@@ -59,10 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Where oneDNN runs them (conv_impl), the convs' forward and both gradients by Winograd's
   # F(2x2, 3x3) (hybrid_flax/csrc/winograd.cc): 16 multiply-adds per 4 outputs where the direct
   # convolution does 36. The same convolution up to float32 rounding (~3e-7 of the largest
-  # output, against ~1e-7 direct); False: oneDNN's direct convolutions. Off by default for
-  # now: with it, CI's resumed and killed runs stopped ending bit-identical to uninterrupted
-  # ones (they do locally); the cause is not found yet (docs/benchmark.md).
-  config.model.conv_winograd = False
+  # output, against ~1e-7 direct), ~1.2x faster training steps on the paper-width model
+  # (docs/benchmark.md); False: oneDNN's direct convolutions.
+  config.model.conv_winograd = True
   # The attention blocks ('deferred' core): 'onednn' runs the core as a C++ kernel
   # (hybrid_flax/onednn_attention.py: per (example, head) the scores stay in cache, oneDNN's
   # sgemm for the products; then attention_grad_chunk_kib is unused) and the dense layers through

@@ -295,17 +295,17 @@ def _custom_calls_with_xla_s_gradients(field: str, flag: str, counts: dict, **ov
 
 @needs_onednn
 def test_conv_impl_auto_runs_the_convs_through_onednn_to_xla_s_gradients():
-  # With Winograd (`model.conv_winograd`) every conv but conv1 (3 input channels: its forward and weight
-  # gradient direct, its input needs no gradient) runs it all three ways, residual2's 4x4 maps
-  # too.
+  # With Winograd (`model.conv_winograd`, the default) every conv but conv1 (3 input channels:
+  # its forward and weight gradient direct, its input needs no gradient) runs it all three ways,
+  # residual2's 4x4 maps too.
   on, _, _ = _custom_calls_with_xla_s_gradients('conv_impl', 'onednn', {
       'custom_call @HfConvForward(': 1,
       'custom_call @HfConvInputGrad(': 0,
       'custom_call @HfConvWeightGrad(': 1,
       'custom_call @HfWinogradConv(': 2 * 7,
       'custom_call @HfWinogradWeightGrad(': 7,
-      'blocked = 1': 0}, conv_winograd=True)
-  assert on.winograd
+      'blocked = 1': 0})
+  assert cifar_tiny.get_config().model.conv_winograd and on.winograd
 
 
 @needs_onednn
@@ -318,8 +318,8 @@ def test_conv_impl_auto_without_winograd_runs_onednn_s_direct_convs_to_xla_s_gra
       'custom_call @HfWinogradConv(': 0,
       'custom_call @HfWinogradWeightGrad(': 0,
       'custom_call @HfConvWeightGrad(': 6,
-      'blocked = 1': 4})
-  assert not cifar_tiny.get_config().model.conv_winograd and not on.winograd
+      'blocked = 1': 4}, conv_winograd=False)
+  assert not on.winograd
 
 
 @needs_onednn

@@ -6,7 +6,8 @@ r"""Each conv layer alone: forward, input gradient and weight gradient, JAX agai
 The training step spends most of its time in the convolutions; this times each layer's three
 convolutions apart, at the config's batch size, so the two frameworks can be compared kernel by
 kernel. JAX runs them as the training step does (`models.conv_function`): the batch split over
-every device; through oneDNN where `model.conv_impl` puts them there; else on CPUs with
+every device; through oneDNN where `model.conv_impl` puts them there (by Winograd's F(2x2, 3x3)
+where `model.conv_winograd` and `onednn_conv.winograd_covers` say so); else on CPUs with
 `model.conv_grad_barrier` through `models.conv_with_grad_barrier` (alone, with nothing for it to
 keep out of the copies, the barrier only costs its loop). PyTorch runs `F.conv2d`, NCHW,
 on its default threads, as `hybrid_flax/torch_twin.py` does. Neither adds the conv's bias. Both
@@ -68,7 +69,8 @@ def _jax_timers(config, size, cin, cout):
   data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
   batch, key = config.batch_size, jax.random.PRNGKey(0)
   onednn = onednn_conv.use_onednn(config.model.conv_impl, config.model.dtype)
-  op = models.conv_function(size, config.model.conv_grad_barrier, onednn, mesh)
+  op = models.conv_function(size, config.model.conv_grad_barrier, onednn, mesh,
+                            config.model.conv_winograd)
   conv = lambda x, w: op(x, w, (1, 1), ((1, 1), (1, 1)),
                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   x = jax.device_put(jax.random.normal(key, (batch, size, size, cin)), data)
