@@ -43,6 +43,17 @@ CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'hors
 TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 2
 
 
+def needs_kernels():
+  """The skip marker of the C++ kernels' tests (hybrid_flax/csrc): they skip where the kernels
+  cannot be built or loaded, except under HYBRID_FLAX_REQUIRE_ONEDNN=1 (CI on x86-64 Linux,
+  which installs the oneDNN extra), where that is an error, so they cannot pass by skipping."""
+  from hybrid_flax import onednn_conv  # pylint: disable=g-import-not-at-top
+  reason = onednn_conv.unavailable_reason()
+  if os.environ.get('HYBRID_FLAX_REQUIRE_ONEDNN') == '1' and reason:
+    raise RuntimeError(f'HYBRID_FLAX_REQUIRE_ONEDNN=1 but the C++ kernels cannot run: {reason}')
+  return pytest.mark.skipif(reason is not None, reason=f'C++ kernels unavailable: {reason}')
+
+
 def class_image(label: int, index: int, fmt: str = 'JPEG') -> bytes:
   """A 32x32 image whose colour and stripe encode its class: learnable in a few steps."""
   rng = np.random.default_rng((label, index))

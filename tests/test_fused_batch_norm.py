@@ -5,8 +5,6 @@ several, and its refusals and fallbacks.
 The whole model with it: tests/test_models.py.
 """
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,12 +18,9 @@ from configs import cifar_tiny
 from hybrid_flax import fused_batch_norm
 from hybrid_flax import models
 from hybrid_flax import onednn_conv
+from tests import conftest
 
-_REASON = onednn_conv.unavailable_reason()
-# CI installs the oneDNN extra and sets this, so these tests cannot pass there by skipping.
-if os.environ.get('HYBRID_FLAX_REQUIRE_ONEDNN') == '1' and _REASON:
-  raise RuntimeError(f'HYBRID_FLAX_REQUIRE_ONEDNN=1 but the kernels cannot run: {_REASON}')
-needs_kernel = pytest.mark.skipif(_REASON is not None, reason=f'kernels unavailable: {_REASON}')
+needs_kernel = conftest.needs_kernels()
 
 
 class _Reference(nn.Module):

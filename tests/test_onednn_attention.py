@@ -4,7 +4,6 @@ sgemm products, against XLA's values and gradients, and their refusals.
 The whole model with it: tests/test_models.py.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +18,9 @@ from hybrid_flax import models
 from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
 from hybrid_flax import onednn_dense
+from tests import conftest
 
-_REASON = onednn_conv.unavailable_reason()
-# CI installs the oneDNN extra and sets this, so these tests cannot pass there by skipping.
-if os.environ.get('HYBRID_FLAX_REQUIRE_ONEDNN') == '1' and _REASON:
-  raise RuntimeError(f'HYBRID_FLAX_REQUIRE_ONEDNN=1 but oneDNN cannot run: {_REASON}')
-needs_onednn = pytest.mark.skipif(_REASON is not None, reason=f'oneDNN unavailable: {_REASON}')
+needs_onednn = conftest.needs_kernels()
 
 
 def _xla_core(q, k, v):

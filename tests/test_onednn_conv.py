@@ -4,8 +4,6 @@ The whole model's gradients with them: tests/test_models.py.
 """
 
 import functools
-import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +17,9 @@ from configs import cifar_tiny
 from hybrid_flax import models
 from hybrid_flax import onednn_conv
 from hybrid_flax import train
+from tests import conftest
 
-_REASON = onednn_conv.unavailable_reason()
-# CI installs the oneDNN extra and sets this, so these tests cannot pass there by skipping.
-if os.environ.get('HYBRID_FLAX_REQUIRE_ONEDNN') == '1' and _REASON:
-  raise RuntimeError(f'HYBRID_FLAX_REQUIRE_ONEDNN=1 but oneDNN cannot run: {_REASON}')
-needs_onednn = pytest.mark.skipif(_REASON is not None, reason=f'oneDNN unavailable: {_REASON}')
+needs_onednn = conftest.needs_kernels()
 
 _XLA_CONV = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
                               padding=((1, 1), (1, 1)),
@@ -104,28 +99,6 @@ def test_winograd_kernel_is_g_w_g_transposed():
   want = np.einsum('ia,abck,jb->ijck', g, w, g).reshape(16, 5, 7)
   np.testing.assert_allclose(onednn_conv.winograd_kernel(jnp.asarray(w, jnp.float32)), want,
                              rtol=1e-6, atol=1e-6)
-
-
-@needs_onednn
-def test_winograd_kernels_are_clean_under_address_sanitizer(tmp_path):
-  """tests/winograd_asan.cc: csrc/winograd.cc's kernels alone and from four threads at once,
-  built with AddressSanitizer; it once read freed memory, which gave wrong gradients only
-  where other threads were allocating."""
-  (compiler, *includes), link = onednn_conv.toolchain()
-  csrc = os.path.join(os.path.dirname(onednn_conv.__file__), 'csrc')
-  harness = os.path.join(os.path.dirname(__file__), 'winograd_asan.cc')
-  build = subprocess.run(
-      [compiler, '-O1', '-g', '-std=c++17', '-fopenmp', '-fsanitize=address',
-       '-fno-omit-frame-pointer', *includes, f'-I{csrc}', harness, *link, '-pthread',
-       '-o', str(tmp_path / 'winograd_asan')], capture_output=True, text=True, check=False)
-  if build.returncode and 'asan' in build.stderr:  # g++ without its sanitizer runtime
-    pytest.skip(f'no AddressSanitizer runtime here: {build.stderr[-300:]}')
-  assert build.returncode == 0, build.stderr[-3000:]
-  # Leaks are not the question (oneDNN keeps its generated kernels to the end).
-  run = subprocess.run([str(tmp_path / 'winograd_asan')], capture_output=True, text=True,
-                       check=False, timeout=300, env={**os.environ, 'ASAN_OPTIONS': 'detect_leaks=0'})
-  assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-  assert '0 results differed' in run.stdout
 
 
 @needs_onednn
