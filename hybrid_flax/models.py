@@ -238,7 +238,7 @@ class ConvBlock(nn.Module):
   `grad_barrier`, on CPUs: the conv's backward reads stored tensors (`conv_with_grad_barrier`).
   `onednn`: maps oneDNN covers (`onednn_conv.covers`) go through it, each device of `mesh`
   (None: one device) its share of the batch (`onednn_conv.conv_3x3`); with `winograd`, by
-  Winograd's F(2x2, 3x3) where it covers them.
+  Winograd's F(2x2, 3x3) where it covers them (`onednn_conv.winograd_covers`).
   `bn_kernel`: batch norm, ReLU and pool as one C++ kernel where it covers the block
   (`fused_batch_norm`), each device of `mesh` likewise; the conv's bias goes into its
   statistics, not onto the maps.

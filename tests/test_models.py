@@ -295,15 +295,16 @@ def _custom_calls_with_xla_s_gradients(field: str, flag: str, counts: dict, **ov
 
 @needs_onednn
 def test_conv_impl_auto_runs_the_convs_through_onednn_to_xla_s_gradients():
-  # With Winograd (`model.conv_winograd`, the default) every conv but conv1 (3 input channels:
-  # its forward and weight gradient direct, its input needs no gradient) runs it all three ways,
-  # residual2's 4x4 maps too.
+  # With Winograd (`model.conv_winograd`, the default) the convs with 32 channels in and out
+  # (`onednn_conv.WINOGRAD_MIN_CHANNELS`: residual2's two, on 4x4 maps) run it all three ways,
+  # the other six oneDNN's direct convs as below (conv1's input needs no gradient), none of
+  # them on 4x4 maps, so none blocked.
   on, _, _ = _custom_calls_with_xla_s_gradients('conv_impl', 'onednn', {
-      'custom_call @HfConvForward(': 1,
-      'custom_call @HfConvInputGrad(': 0,
-      'custom_call @HfConvWeightGrad(': 1,
-      'custom_call @HfWinogradConv(': 2 * 7,
-      'custom_call @HfWinogradWeightGrad(': 7,
+      'custom_call @HfConvForward(': 6,
+      'custom_call @HfConvInputGrad(': 6 - 1,
+      'custom_call @HfConvWeightGrad(': 6,
+      'custom_call @HfWinogradConv(': 2 * 2,
+      'custom_call @HfWinogradWeightGrad(': 2,
       'blocked = 1': 0})
   assert cifar_tiny.get_config().model.conv_winograd and on.winograd
 
