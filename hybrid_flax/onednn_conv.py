@@ -59,6 +59,8 @@ BLOCKED_MIN_SIZE = 4
 _SOURCES = tuple(pathlib.Path(__file__).with_name('csrc') / name
                  for name in ('onednn_conv.cc', 'winograd.cc', 'attention.cc', 'dense.cc',
                               'batch_norm.cc'))
+# What they include beside the FFI and oneDNN headers.
+_HEADERS = (pathlib.Path(__file__).with_name('csrc') / 'parallel.h',)
 _HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad', 'HfWinogradConv',
              'HfWinogradWeightGrad')
 _OTHER_HANDLERS = ('HfAttentionForward', 'HfAttentionBackward', 'HfMatmul', 'HfBnStats',
@@ -108,8 +110,8 @@ def _build() -> pathlib.Path:
   # -O3: the attention's softmax loops must vectorize.
   command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', *includes,
              *map(str, _SOURCES), *link]
-  # A new source, jaxlib (its FFI headers) or oneDNN gets a new build.
-  key = hashlib.sha256(b''.join(source.read_bytes() for source in _SOURCES) +
+  # A new source or header, jaxlib (its FFI headers) or oneDNN gets a new build.
+  key = hashlib.sha256(b''.join(source.read_bytes() for source in _SOURCES + _HEADERS) +
                        ' '.join(command).encode() + jax.lib.__version__.encode()).hexdigest()[:16]
   target = cache_dir() / f'onednn_conv-{key}.so'
   if target.exists():

@@ -8,15 +8,13 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -94,23 +92,12 @@ struct Dims {
 };
 
 // Runs pair_fn(pair, scratch) for every (example, head) pair on `threads` OpenMP threads (0:
-// OpenMP's default), each with its own `per_thread` floats of scratch. Nothing may throw inside
-// an OpenMP region, so a failed pair reports false and this throws after it.
+// OpenMP's default), each with its own `per_thread` floats of scratch (parallel::ForEach).
 template <typename F>
 void ForEachPair(int64_t pairs, int64_t threads, int64_t per_thread, F pair_fn) {
-  // Per calling thread, as the convolutions set it: each device's XLA thread runs its own share
-  // of the batch, and a one-thread region's sgemm would otherwise take every core.
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-  const int n = omp_get_max_threads();
-  std::vector<float> scratch(static_cast<size_t>(n) * per_thread);
-  bool failed = false;
-#pragma omp parallel num_threads(n) reduction(|| : failed)
-  {
-    float* mine = scratch.data() + omp_get_thread_num() * per_thread;
-#pragma omp for schedule(static)
-    for (int64_t pair = 0; pair < pairs; ++pair) failed = !pair_fn(pair, mine) || failed;
-  }
-  if (failed) throw std::runtime_error("oneDNN's sgemm failed");
+  const int team = parallel::Team(threads);
+  const auto scratch = parallel::ZeroedScratch(team, per_thread);
+  parallel::ForEach(pairs, team, scratch.get(), per_thread, "oneDNN's sgemm failed", pair_fn);
 }
 
 // y = softmax(scale q k^T) v, as exp(s - max) v / sum: one division per output, not per score;

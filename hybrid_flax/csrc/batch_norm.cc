@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -32,18 +33,12 @@ struct Dims {
   }
 };
 
-// The threads of the regions below: `threads` (0: OpenMP's default).
-int Threads(int64_t threads) {
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-  return omp_get_max_threads();
-}
-
 // Runs row_fn(row, thread) for every output row on `threads` OpenMP threads (0: OpenMP's
 // default). Per calling thread, as the convolutions set it: each device's XLA thread runs its
 // own share of the batch.
 template <typename F>
 void ForEachRow(const Dims& d, int64_t threads, F row_fn) {
-  const int n = Threads(threads);
+  const int n = parallel::Team(threads);
 #pragma omp parallel for num_threads(n) schedule(static)
   for (int64_t row = 0; row < d.rows(); ++row) row_fn(row, omp_get_thread_num());
 }
@@ -104,7 +99,7 @@ void RowSums(const float* x, int64_t count, int64_t c, float* s) {
 }
 
 void Stats(const float* x, float* out, const Dims& d, int64_t threads) {
-  ChannelSums sums(Threads(threads), d.c);
+  ChannelSums sums(parallel::Team(threads), d.c);
   ForEachRow(d, threads, [&](int64_t r, int t) {
     RowSums(x + d.in_offset(r), d.w, d.c, sums.partial(t));
     sums.Add(t);
@@ -200,7 +195,7 @@ void BackwardSumsPoolRow(const float* x0, const float* x1, const float* y, const
 
 void BackwardSums(const float* x, const float* y, const uint8_t* idx, const float* dy,
                   const float* mean, float* out, const Dims& d, int64_t threads) {
-  ChannelSums sums(Threads(threads), d.c);
+  ChannelSums sums(parallel::Team(threads), d.c);
   ForEachRow(d, threads, [&](int64_t r, int t) {
     const float* x0 = x + d.in_offset(r);
     const int64_t o = d.out_offset(r);

@@ -14,18 +14,17 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using parallel::Lines;
 
 namespace {
 
@@ -84,45 +83,16 @@ struct Tiles {
   }
 };
 
-// `n` floats rounded up to whole 64-byte lines.
-constexpr int64_t Lines(int64_t n) { return (n + 15) / 16 * 16; }
-
-// The OpenMP team of a region here: `threads` (0: OpenMP's default), set per calling thread,
-// as the convolutions set it: each device's XLA thread runs its own share of the batch, and a
-// one-thread region's sgemm would otherwise take every core.
-int Team(int64_t threads) {
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-  return omp_get_max_threads();
-}
-
-// `team` threads' scratch, `per_thread` zeroed floats each, every part starting on a cache line
-// of its own. The caller owns it: the weight gradient's per-thread sums live in it until added.
-std::unique_ptr<float, decltype(&std::free)> Scratch(int team, int64_t per_thread) {
-  const size_t bytes = static_cast<size_t>(team) * Lines(per_thread) * sizeof(float);
-  std::unique_ptr<float, decltype(&std::free)> scratch(
-      static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
-  if (scratch == nullptr) throw std::bad_alloc();
-  std::memset(scratch.get(), 0, bytes);
-  return scratch;
-}
-
-// Runs block_fn(first tile, tile count, thread's scratch) for every block of kBlock tiles on
-// `team` OpenMP threads, thread i's scratch at scratch + i * Lines(per_thread). Nothing may
-// throw inside an OpenMP region, so a failed block reports false and this throws after it.
+// Runs block_fn(first tile, tile count, thread's scratch) for every block of kBlock tiles
+// (parallel::ForEach).
 template <typename F>
 void ForEachBlock(const Tiles& tiles, int team, float* scratch, int64_t per_thread, F block_fn) {
   const int64_t blocks = (tiles.count() + kBlock - 1) / kBlock;
-  bool failed = false;
-#pragma omp parallel num_threads(team) reduction(|| : failed)
-  {
-    float* mine = scratch + omp_get_thread_num() * Lines(per_thread);
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int64_t first = block * kBlock;
-      failed = failed || !block_fn(first, std::min(kBlock, tiles.count() - first), mine);
-    }
-  }
-  if (failed) throw std::runtime_error("oneDNN's sgemm failed");
+  parallel::ForEach(blocks, team, scratch, per_thread, "oneDNN's sgemm failed",
+                    [&](int64_t block, float* mine) {
+    const int64_t first = block * kBlock;
+    return block_fn(first, std::min(kBlock, tiles.count() - first), mine);
+  });
 }
 
 // The input transform of tiles [first, first + count) of x ([n, h, w, c]) into v: 16 rows of
@@ -150,9 +120,9 @@ void ConvOrThrow(const float* x, const float* u, float* y, const Tiles& tiles, i
                  int64_t k, bool flip, int64_t threads) {
   static constexpr int kSwap[4] = {3, 1, 2, 0};
   // Each thread's transformed inputs, products, and a row of zeros for the padding.
-  const int team = Team(threads);
+  const int team = parallel::Team(threads);
   const int64_t per_thread = 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c);
-  const auto scratch = Scratch(team, per_thread);
+  const auto scratch = parallel::ZeroedScratch(team, per_thread);
   ForEachBlock(tiles, team, scratch.get(), per_thread,
                [&](int64_t first, int64_t count, float* v) {
     float* m = v + 16 * kBlock * Lines(c);
@@ -205,9 +175,9 @@ void WeightGradOrThrow(const float* x, const float* dy, float* du, const Tiles& 
                        int64_t k, int64_t threads) {
   const int64_t sums = 16 * c * k;
   const int64_t per_thread = 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c) + sums;
-  const int team = Team(threads);
+  const int team = parallel::Team(threads);
   // Outlives the region: the sums are added up after it.
-  const auto scratch = Scratch(team, per_thread);
+  const auto scratch = parallel::ZeroedScratch(team, per_thread);
   std::vector<float*> totals(team);
   ForEachBlock(tiles, team, scratch.get(), per_thread,
                [&](int64_t first, int64_t count, float* v) {
