@@ -168,7 +168,8 @@ def test_gpu_screen_builds_each_wave_on_the_best_finished_run():
                                            'rc': rc}
   assert screen.second_wave({}) == {} and screen.seeds_wave({}) == {}
   results = {'muon08': run(screen.WAVE1['muon08'], 0.91),
-             'cpu_recipe': run(screen.WAVE1['cpu_recipe'], 0.95, rc=-9),  # cut short: not a candidate
+             # cut short: not a candidate
+             'cpu_recipe': run(screen.WAVE1['cpu_recipe'], 0.95, rc=-9),
              'altflip_shift2': run(screen.AIRBENCH, 0.90)}
   assert screen.best(results) == 'muon08'
   second = screen.second_wave(results)

@@ -45,7 +45,7 @@ AIRBENCH = ['--config.augment.alternate_flip=True', '--config.eval_translate=2']
 WAVE1 = {
     'muon08': [MUON, '--config.muon_learning_rate=0.08'],
     'altflip_shift2': AIRBENCH,
-    # configs/cifar_hybrid_cpu.py's settings (not its widths, heads or whitened conv1):
+    # configs/cifar_hybrid_cpu.py's training (not its widths, heads, whitened conv1 or 14 epochs):
     'cpu_recipe': [MUON, '--config.muon_learning_rate=0.08', '--config.batch_size=256',
                    '--config.learning_rate=0.16', '--config.weight_decay=1e-3',
                    '--config.warmup_epochs=1.0', '--config.augment.crop_padding=2',
