@@ -59,6 +59,7 @@ BLOCKED_MIN_SIZE = 4
 _SOURCES = tuple(pathlib.Path(__file__).with_name('csrc') / name
                  for name in ('onednn_conv.cc', 'winograd.cc', 'attention.cc', 'dense.cc',
                               'batch_norm.cc'))
+_SOURCE_NAMES = ' and '.join(source.name for source in _SOURCES)  # for messages
 # What they include beside the FFI and oneDNN headers.
 _HEADERS = (pathlib.Path(__file__).with_name('csrc') / 'parallel.h',)
 _HANDLERS = ('HfConvForward', 'HfConvInputGrad', 'HfConvWeightGrad', 'HfWinogradConv',
@@ -97,15 +98,13 @@ def toolchain() -> tuple[list[str], list[str]]:
   include = header.parent.parent.parent
   compiler = shutil.which(os.environ.get('CXX', 'g++'))
   if compiler is None:
-    names = ' and '.join(source.name for source in _SOURCES)
-    raise Unavailable(f'no C++ compiler to build {names} with (set $CXX or install g++)')
+    raise Unavailable(f'no C++ compiler to build {_SOURCE_NAMES} with (set $CXX or install g++)')
   return ([compiler, f'-I{include}', f'-I{jax.ffi.include_dir()}'],
           [f'-L{library.parent}', '-ldnnl', f'-Wl,-rpath,{library.parent}'])
 
 
 def _build() -> pathlib.Path:
   """The compiled handler library, built now unless the cache has this build already."""
-  names = ' and '.join(source.name for source in _SOURCES)
   (compiler, *includes), link = toolchain()
   # -O3: the attention's softmax loops must vectorize.
   command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', *includes,
@@ -122,7 +121,7 @@ def _build() -> pathlib.Path:
                           check=False)
   if result.returncode:
     partial.unlink(missing_ok=True)
-    raise Unavailable(f'building {names} failed:\n{result.stderr[-3000:]}')
+    raise Unavailable(f'building {_SOURCE_NAMES} failed:\n{result.stderr[-3000:]}')
   os.replace(partial, target)
   return target
 

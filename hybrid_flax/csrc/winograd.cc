@@ -17,7 +17,6 @@
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.h"
 #include "parallel.h"
@@ -174,17 +173,17 @@ void OutputTransformAdjoint(const float* const* dy, float* const* dm, int64_t k)
 void WeightGradOrThrow(const float* x, const float* dy, float* du, const Tiles& tiles, int64_t c,
                        int64_t k, int64_t threads) {
   const int64_t sums = 16 * c * k;
-  const int64_t per_thread = 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c) + sums;
+  // Each thread's scratch: transformed inputs, products, a row of zeros, then its sums.
+  const int64_t at_sums = 16 * kBlock * (Lines(c) + Lines(k)) + Lines(c);
+  const int64_t per_thread = at_sums + sums;
   const int team = parallel::Team(threads);
   // Outlives the region: the sums are added up after it.
   const auto scratch = parallel::ZeroedScratch(team, per_thread);
-  std::vector<float*> totals(team);
   ForEachBlock(tiles, team, scratch.get(), per_thread,
                [&](int64_t first, int64_t count, float* v) {
     float* m = v + 16 * kBlock * Lines(c);
     const float* zeros = m + 16 * kBlock * Lines(k);
-    float* total = m + 16 * kBlock * Lines(k) + Lines(c);
-    totals[omp_get_thread_num()] = total;
+    float* total = v + at_sums;
     TransformInputs(x, tiles, c, first, count, zeros, v);
     const float* rows[4];
     float* out[16];
@@ -201,9 +200,10 @@ void WeightGradOrThrow(const float* x, const float* dy, float* du, const Tiles& 
     }
     return true;
   });
+  // Thread t's sums, at its part of the scratch (parallel::ForEach); zeros where it got no block.
   std::fill(du, du + sums, 0.0f);
-  for (const float* total : totals) {
-    if (total == nullptr) continue;  // a thread that got no block
+  for (int t = 0; t < team; ++t) {
+    const float* total = scratch.get() + t * Lines(per_thread) + at_sums;
     for (int64_t i = 0; i < sums; ++i) du[i] += total[i];
   }
 }
