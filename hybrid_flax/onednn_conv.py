@@ -163,8 +163,9 @@ def auto_passes_over(field: str) -> str | None:
 
   The attention blocks' kernels won on the AVX-512 hosts (the Intel Xeon: +5.6% and +4.5% on
   the paper-width step) but lost on the AVX2-only Zen 3 EPYC, where XLA's attention made the
-  step 14-26% faster at paper width and 8% at CPU scale (docs/benchmark.md). The convs' and
-  batch norm's kernels won on both.
+  step 14-26% faster at paper width and 8% at CPU scale (docs/benchmark.md). The batch-norm
+  kernel won there too; the convs' were not timed there against XLA's alone, but ran 1.76x
+  PyTorch's convolutions layer by layer.
   """
   if field == 'attention_kernel' and host_cpu.x86_without_avx512():
     return "this x86 CPU has no AVX-512, where XLA's attention ran faster"

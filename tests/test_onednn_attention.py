@@ -122,7 +122,7 @@ def test_attention_kernel_is_checked_and_refused_with_its_reason():
 def test_auto_leaves_attention_to_xla_on_x86_without_avx512(monkeypatch, without_avx512):
   monkeypatch.setattr(host_cpu, 'x86_without_avx512', lambda: without_avx512)
   assert onednn_conv.use_onednn('auto', 'float32', 'attention_kernel') is not without_avx512
-  # 'onednn' is a request, not a preference; the convs' and batch norm's kernels won on AVX2 too.
+  # 'onednn' is a request, not a preference; 'auto' passes over only the attention's kernels.
   assert onednn_conv.use_onednn('onednn', 'float32', 'attention_kernel')
   assert onednn_conv.use_onednn('auto', 'float32', 'conv_impl')
   assert onednn_conv.use_onednn('auto', 'float32', 'bn_kernel')
