@@ -66,9 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   # (hybrid_flax/onednn_attention.py: per (example, head) the scores stay in cache, oneDNN's
   # sgemm for the products; then attention_grad_chunk_kib is unused) and the dense layers through
   # oneDNN's sgemm (onednn_dense.py), 'xla' XLA's, 'auto' the kernels where they can run (CPU,
-  # float32, built as for conv_impl) on a CPU with AVX-512: without it (the AVX2-only Zen 3)
-  # XLA's ran the step faster (onednn_conv.auto_passes_over). The same function up to float32
-  # rounding.
+  # float32, built as for conv_impl). The same function up to float32 rounding.
   config.model.attention_kernel = 'auto'
   # The conv blocks' batch norm (whole-batch statistics), ReLU and 2x2 max-pool: 'onednn' as one
   # C++ kernel, a pass each for the statistics and the output and two backward

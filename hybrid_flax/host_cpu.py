@@ -43,22 +43,6 @@ def _vector_level(flags: set[str]) -> str:
   return 'no AVX or NEON'
 
 
-def _read_cpuinfo() -> str:
-  try:
-    with open(_CPUINFO) as f:
-      return f.read()
-  except OSError:  # macOS, Windows
-    return ''
-
-
-def x86_without_avx512(cpuinfo: str | None = None) -> bool:
-  """Whether the host is an x86 CPU without AVX-512 (the AVX2-only EPYCs), where the attention
-  blocks' C++ kernels lost to XLA's (`onednn_conv.auto_passes_over`). `cpuinfo` as in
-  `describe`; False where it says nothing (not x86, or no /proc/cpuinfo)."""
-  fields = _first_block(_read_cpuinfo() if cpuinfo is None else cpuinfo)
-  return 'cpu family' in fields and 'avx512f' not in fields.get('flags', '').split()
-
-
 def describe(cpuinfo: str | None = None, cpu_count: int | None = None) -> str:
   """One line: `host CPU: <model> (<family/model>), <n> CPUs usable, <vector level>`.
 
@@ -66,7 +50,11 @@ def describe(cpuinfo: str | None = None, cpu_count: int | None = None) -> str:
   Windows) the line falls back to what `platform` knows.
   """
   if cpuinfo is None:
-    cpuinfo = _read_cpuinfo()
+    try:
+      with open(_CPUINFO) as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ''
   if cpu_count is None:
     cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   fields = _first_block(cpuinfo)

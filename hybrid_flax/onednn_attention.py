@@ -15,11 +15,9 @@ from the forward's row log-sum-exps and runs five sgemms. On a 2-core Intel Xeon
 The same switch moves the blocks' dense layers (embeddings and projections) to oneDNN's sgemm
 (`onednn_dense`). Built and loaded with the convolutions' handlers (`onednn_conv`), whose switch
 semantics it shares: 'auto' runs it on a CPU backend with float32 compute where oneDNN is
-built, except on x86 CPUs without AVX-512 (the AVX2-only Zen 3 ran XLA's attention faster:
-`onednn_conv.auto_passes_over`), 'xla' never, 'onednn' always or refuses. Each device runs its
-own share of the batch under `shard_map`, on its share of the host's cores. The results are the
-core's up to float32 rounding (summation order; exp to within 1e-7 relative):
-tests/test_onednn_attention.py.
+built, 'xla' never, 'onednn' always or refuses. Each device runs its own share of the batch
+under `shard_map`, on its share of the host's cores. The results are the core's up to float32 rounding (summation
+order; exp to within 1e-7 relative): tests/test_onednn_attention.py.
 """
 
 import jax

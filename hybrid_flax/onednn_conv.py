@@ -44,8 +44,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from hybrid_flax import host_cpu
-
 IMPLS = ('auto', 'onednn', 'xla')  # config.model.conv_impl
 # Maps at least MIN_SIZE wide run all three through oneDNN in XLA's NHWC layout. Smaller ones,
 # down to BLOCKED_MIN_SIZE, run the forward and the input gradient in oneDNN's blocked layout
@@ -157,36 +155,18 @@ def reason_not_here(dtype) -> str | None:
   return unavailable_reason()
 
 
-def auto_passes_over(field: str) -> str | None:
-  """Why 'auto' leaves `model.<field>`'s kernels to XLA on this host although they can run;
-  None where it runs them.
-
-  The attention blocks' kernels won on the AVX-512 hosts (the Intel Xeon: +5.6% and +4.5% on
-  the paper-width step) but lost on the AVX2-only Zen 3 EPYC, where XLA's attention made the
-  step 14-26% faster at paper width and 8% at CPU scale (docs/benchmark.md). The batch-norm
-  kernel won there too; the convs' were not timed there against XLA's alone, but ran 1.76x
-  PyTorch's convolutions layer by layer.
-  """
-  if field == 'attention_kernel' and host_cpu.x86_without_avx512():
-    return "this x86 CPU has no AVX-512, where XLA's attention ran faster"
-  return None
-
-
 def use_onednn(impl: str, dtype, field: str = 'conv_impl') -> bool:
   """Whether `model.<field>` = `impl` runs its kernels (the convs; `model.attention_kernel`:
   the attention core; `model.bn_kernel`: the conv blocks' batch norm) here, for `dtype`.
 
-  'auto': where it can (CPU backend, float32, oneDNN built) and `auto_passes_over` has no
-  reason against it; 'xla': never; 'onednn': always, raising ValueError with the reason where
-  it cannot.
+  'auto': where it can (CPU backend, float32, oneDNN built); 'xla': never; 'onednn': always,
+  raising ValueError with the reason where it cannot.
   """
   check(impl, field)
-  if impl == 'xla':
-    return False
-  reason = reason_not_here(dtype)
+  reason = None if impl == 'xla' else reason_not_here(dtype)
   if reason and impl == 'onednn':
     raise ValueError(f"model.{field}='onednn' cannot run here: {reason}")
-  return reason is None and (impl == 'onednn' or auto_passes_over(field) is None)
+  return impl != 'xla' and reason is None
 
 
 def switch_status(subject: str, kernels: str, impl: str, dtype, field: str) -> str:
@@ -194,7 +174,7 @@ def switch_status(subject: str, kernels: str, impl: str, dtype, field: str) -> s
   them here (`use_onednn`), else XLA's and why not."""
   if use_onednn(impl, dtype, field):
     return f'{subject}: {kernels} (model.{field}={impl!r})'
-  why = '' if impl == 'xla' else f': {reason_not_here(dtype) or auto_passes_over(field)}'
+  why = '' if impl == 'xla' else f': {reason_not_here(dtype)}'
   return f"{subject}: XLA's (model.{field}={impl!r}{why})"
 
 

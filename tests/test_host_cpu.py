@@ -37,14 +37,6 @@ def test_arm_and_no_cpuinfo():
                                                          'vector instructions unknown')
 
 
-def test_x86_without_avx512_is_told_from_the_rest():
-  assert host_cpu.x86_without_avx512(_x86('AMD EPYC', 23, 1, _ZEN1_FLAGS))
-  assert not host_cpu.x86_without_avx512(_x86('AMD EPYC', 25, 17, _ZEN4_FLAGS))
-  arm = 'processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n\n'
-  assert not host_cpu.x86_without_avx512(arm)
-  assert not host_cpu.x86_without_avx512('')
-
-
 def test_this_host_is_described():
   line = host_cpu.describe()
   assert line.startswith('host CPU: ') and 'CPUs usable' in line

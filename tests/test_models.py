@@ -15,7 +15,6 @@ from configs import cifar_hybrid_cpu
 from configs import cifar_hybrid_fast
 from configs import cifar_hybrid_noembed
 from configs import cifar_tiny
-from hybrid_flax import host_cpu
 from hybrid_flax import models
 from hybrid_flax import onednn_conv
 from hybrid_flax import train
@@ -325,10 +324,7 @@ def test_conv_impl_auto_without_winograd_runs_onednn_s_direct_convs_to_xla_s_gra
 
 
 @needs_onednn
-def test_attention_kernel_auto_runs_both_blocks_through_the_kernels_to_xla_s_gradients(
-    monkeypatch):
-  # As on an AVX-512 host, whatever this one is ('auto' leaves attention to XLA without it).
-  monkeypatch.setattr(host_cpu, 'x86_without_avx512', lambda: False)
+def test_attention_kernel_auto_runs_both_blocks_through_the_kernels_to_xla_s_gradients():
   on, off, params = _custom_calls_with_xla_s_gradients('attention_kernel', 'attention_onednn', {
       'custom_call @HfAttentionForward(': 2,
       'custom_call @HfAttentionBackward(': 2,

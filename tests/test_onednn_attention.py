@@ -14,7 +14,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import cifar_tiny
-from hybrid_flax import host_cpu
 from hybrid_flax import models
 from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
@@ -115,22 +114,3 @@ def test_attention_kernel_is_checked_and_refused_with_its_reason():
     onednn_conv.use_onednn('onednn', 'bfloat16', 'attention_kernel')
   assert onednn_attention.status('xla', 'float32') == (
       "attention blocks: XLA's (model.attention_kernel='xla')")
-
-
-@needs_onednn
-@pytest.mark.parametrize('without_avx512', [True, False])
-def test_auto_leaves_attention_to_xla_on_x86_without_avx512(monkeypatch, without_avx512):
-  monkeypatch.setattr(host_cpu, 'x86_without_avx512', lambda: without_avx512)
-  assert onednn_conv.use_onednn('auto', 'float32', 'attention_kernel') is not without_avx512
-  # 'onednn' is a request, not a preference; 'auto' passes over only the attention's kernels.
-  assert onednn_conv.use_onednn('onednn', 'float32', 'attention_kernel')
-  assert onednn_conv.use_onednn('auto', 'float32', 'conv_impl')
-  assert onednn_conv.use_onednn('auto', 'float32', 'bn_kernel')
-  line = onednn_attention.status('auto', 'float32')
-  if without_avx512:
-    assert line == ("attention blocks: XLA's (model.attention_kernel='auto': this x86 CPU has "
-                    "no AVX-512, where XLA's attention ran faster)")
-  else:
-    assert line.startswith('attention blocks: the C++ core')
-  model = models.create_model(cifar_tiny.get_config().model)
-  assert model.attention_onednn is not without_avx512
