@@ -55,6 +55,23 @@ def test_core_matches_xla_values_and_gradients(devices, batch, length, heads, de
                                err_msg=name)
 
 
+
+@needs_onednn
+def test_core_clamps_far_scores_and_keeps_nans():
+  """Scores more than 87 below their row's max (exp clamped at -87) and NaNs of either sign in
+  q: the clamp is a bit select in csrc/attention.cc, which must neither move a NaN nor miss a
+  score."""
+  keys = jax.random.split(jax.random.PRNGKey(1), 3)
+  q, k, v = (jax.random.normal(key, (2, 24, 2, 8)) for key in keys)
+  q = 30 * q  # scores spread over hundreds: a fifth of them more than 87 below the row max
+  q = q.at[0, 3, 0, 0].set(np.nan).at[1, 5, 1, 2].set(-np.nan)
+  assert np.signbit(np.asarray(q)[1, 5, 1, 2])
+  got = np.asarray(jax.jit(onednn_attention.attention_core(None))(q, k, v))
+  want = np.asarray(jax.jit(_xla_core)(q, k, v))
+  nan = np.isnan(got).any(-1)
+  assert nan[0, 3, 0] and nan[1, 5, 1] and nan.sum() == 2, np.argwhere(nan)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.nanmax(np.abs(want))))
+
 @needs_onednn
 @pytest.mark.parametrize('devices,x_shape,w_shape,contracted', [
     (4, (8, 5, 6), (6, 7), 1),  # nn.Dense on each device's share
