@@ -6,11 +6,13 @@ import math
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 
 from configs import cifar_hybrid
 from configs import cifar_tiny
 from hybrid_flax import bench
+from tests import conftest
 
 
 def _docs_script(folder, name):
@@ -161,6 +163,34 @@ def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
   assert ([a.shape for a in jax.tree.leaves(all_three)]
           == [y, input_grad[0].shape, weight_grad[0].shape])
 
+
+
+@conftest.needs_kernels()
+def test_attention_core_script_lists_the_model_s_blocks_and_times_both_ways():
+  script = _docs_script('cpu_runs', 'attention_core')
+  paper = cifar_hybrid.get_config().model
+  assert script.attention_blocks(paper) == [('attention1', 256, 128, 8),
+                                            ('attention2', 16, 512, 8)]
+  assert script.attention_blocks(paper, 24) == [('attention1', 144, 128, 8),
+                                                ('attention2', 9, 512, 8)]
+  paper.attention = False
+  assert not script.attention_blocks(paper)
+  config = cifar_tiny.get_config()
+  (name, tokens, channels, heads), _ = script.attention_blocks(config.model)
+  assert (name, tokens, channels, heads) == ('attention1', 256, 16, 2)
+  # Each way, the three parts run on the batch split over the devices, with the same results.
+  outputs = {impl: [fn() for fn in fns]
+             for impl, fns in script.timers(config, tokens, channels, heads).items()}
+  assert list(outputs) == ['kernel', 'xla']
+  core = (config.batch_size, tokens, heads, channels // heads)
+  for got, want in zip(outputs['kernel'], outputs['xla'], strict=True):
+    assert [a.shape for a in jax.tree.leaves(got)] == [a.shape for a in jax.tree.leaves(want)]
+    # The tolerance is the part's own scale: the key bias's gradient is zero up to round-off.
+    scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  assert outputs['kernel'][0].shape == core
+  assert [a.shape for a in outputs['kernel'][1]] == [core] * 3
 
 def test_gpu_screen_builds_each_wave_on_the_best_finished_run():
   screen = _docs_script('device_runs', 'screen')
