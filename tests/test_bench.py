@@ -142,6 +142,13 @@ def test_one_round_reports_one_ratio():
   assert 'round 1' not in text
 
 
+def test_median_ms_times_each_call_after_a_warm_up():
+  calls = []
+  def fn():
+    calls.append(1)
+  assert bench.median_ms(fn, repeats=3) >= 0.0
+  assert len(calls) == 4  # one warm-up, three timed
+
 def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
   conv_layers = _docs_script('cpu_runs', 'conv_layers')
   assert conv_layers.conv_layers(cifar_hybrid.get_config().model) == [

@@ -15,7 +15,6 @@ round times every part both ways, kernel then XLA; the medians over the rounds a
 """
 
 import statistics
-import time
 
 from hybrid_flax import host_memory
 
@@ -32,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
+from hybrid_flax import bench
 from hybrid_flax import models
 from hybrid_flax import onednn_attention
 from hybrid_flax import onednn_conv
@@ -53,16 +53,6 @@ def attention_blocks(model_config, size: int = 32) -> list[tuple[str, int, int, 
     blocks.append((f'attention{stage + 1}', size * size, widths[2 * stage + 1],
                    model_config.num_heads))
   return blocks
-
-
-def _median_ms(fn, repeats: int = 5) -> float:
-  fn()  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
 
 
 def _xla_core(model_config, mesh):
@@ -120,7 +110,7 @@ def main(argv):
     for name, by_impl in fns.items():
       for impl in _IMPLS:
         for times, fn in zip(ms[name, impl], by_impl[impl]):
-          times.append(_median_ms(fn))
+          times.append(bench.median_ms(fn))
     print(f'round {r + 1} of {_ROUNDS.value} done', flush=True)
   print(f'batch {config.batch_size}, {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} images, '
         f'{jax.device_count()} JAX devices; ms, medians of {_ROUNDS.value} rounds (each round: '

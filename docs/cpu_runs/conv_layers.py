@@ -18,7 +18,6 @@ then in PyTorch; the medians over the rounds are printed.
 
 import importlib.util
 import statistics
-import time
 
 from hybrid_flax import host_memory
 
@@ -34,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
+from hybrid_flax import bench
 from hybrid_flax import models
 from hybrid_flax import onednn_conv
 from hybrid_flax import train
@@ -52,16 +52,6 @@ def conv_layers(model_config, size: int = 32) -> list[tuple[str, int, int, int]]
       cin, size = widths[i], size // 2 if pool[i] else size
     layers += [(f'residual{stage + 1}.{j}', size, cin, cin) for j in range(2)]
   return layers
-
-
-def _median_ms(fn, repeats: int = 5) -> float:
-  fn()  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
 
 
 def _jax_timers(config, size, cin, cout):
@@ -133,7 +123,7 @@ def main(argv):
   for r in range(_ROUNDS.value):
     for key, fns in timers.items():
       for times, fn in zip(ms[key], fns):
-        times.append(_median_ms(fn))
+        times.append(bench.median_ms(fn))
     print(f'round {r + 1} of {_ROUNDS.value} done', flush=True)
   print(f'batch {config.batch_size}, {jax.device_count()} JAX devices; ms, medians of '
         f'{_ROUNDS.value} rounds (each round: the median of 5 calls)')
