@@ -126,7 +126,6 @@ def _time_compiled(step, state, *args, carry_state: bool, steps: int, warmup: in
   return time.perf_counter() - start
 
 
-
 def median_ms(fn, repeats: int = 5) -> float:
   """Milliseconds: the median of `repeats` timed calls of `fn` after one untimed warm-up call
   (`fn` waits on its own results). The one-kernel scripts in docs/cpu_runs time with it."""
@@ -137,6 +136,7 @@ def median_ms(fn, repeats: int = 5) -> float:
     fn()
     times.append(time.perf_counter() - start)
   return float(np.median(times)) * 1e3
+
 
 def measure_steps(config, steps: int = 20, warmup: int = 3, rounds: int = 1,
                   between_rounds=None) -> dict[str, dict[str, float]]:

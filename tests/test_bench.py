@@ -149,6 +149,7 @@ def test_median_ms_times_each_call_after_a_warm_up():
   assert bench.median_ms(fn, repeats=3) >= 0.0
   assert len(calls) == 4  # one warm-up, three timed
 
+
 def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
   conv_layers = _docs_script('cpu_runs', 'conv_layers')
   assert conv_layers.conv_layers(cifar_hybrid.get_config().model) == [
@@ -169,7 +170,6 @@ def test_conv_layers_script_lists_the_model_s_convs_and_times_them():
   assert weight_grad[0].shape == (3, 3, cin, cout)
   assert ([a.shape for a in jax.tree.leaves(all_three)]
           == [y, input_grad[0].shape, weight_grad[0].shape])
-
 
 
 @conftest.needs_kernels()
@@ -198,6 +198,7 @@ def test_attention_core_script_lists_the_model_s_blocks_and_times_both_ways():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
   assert outputs['kernel'][0].shape == core
   assert [a.shape for a in outputs['kernel'][1]] == [core] * 3
+
 
 def test_gpu_screen_builds_each_wave_on_the_best_finished_run():
   screen = _docs_script('device_runs', 'screen')

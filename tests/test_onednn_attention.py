@@ -55,7 +55,6 @@ def test_core_matches_xla_values_and_gradients(devices, batch, length, heads, de
                                err_msg=name)
 
 
-
 @needs_onednn
 def test_core_clamps_far_scores_and_keeps_nans():
   """Scores more than 87 below their row's max (exp clamped at -87) and NaNs of either sign in
@@ -71,6 +70,7 @@ def test_core_clamps_far_scores_and_keeps_nans():
   nan = np.isnan(got).any(-1)
   assert nan[0, 3, 0] and nan[1, 5, 1] and nan.sum() == 2, np.argwhere(nan)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.nanmax(np.abs(want))))
+
 
 @needs_onednn
 @pytest.mark.parametrize('devices,x_shape,w_shape,contracted', [
