@@ -366,6 +366,21 @@ def _chunked_attention_core(chunk_kib: int, mesh):
   return core
 
 
+def xla_attention_core(grad_chunk_kib: int, mesh, dtype: Any = jnp.float32):
+  """softmax(q k^T / sqrt(depth)) v through XLA, for q, k, v in the projections'
+  [batch, length, heads, depth] layout: `SelfAttention`'s core without the C++ kernel, its
+  backward chunked (`_chunked_attention_core`) on CPUs where `grad_chunk_kib` > 0 and `mesh`
+  splits the batch. Heads go in front for the two batched matmuls and back after."""
+  core = _attention_core
+  if grad_chunk_kib > 0 and mesh is not None and jax.default_backend() == 'cpu':
+    core = _chunked_attention_core(grad_chunk_kib, mesh)
+  heads_first = lambda a: a.transpose(0, 2, 1, 3)
+
+  def run(q, k, v):
+    q = heads_first(q) / jnp.sqrt(q.shape[-1]).astype(dtype)
+    return heads_first(core(q, heads_first(k), heads_first(v)))
+  return run
+
 def _dense_products(onednn: bool, mesh) -> dict:
   """The `nn.Dense` arguments for an attention block's dense layers: oneDNN's sgemm where
   `onednn` (`onednn_dense`), each device of `mesh` its share of the batch; else XLA's dots."""
@@ -410,10 +425,7 @@ class SelfAttention(nn.Module):
     if self.onednn:
       y = onednn_attention.attention_core(self.mesh)(q, k, v)
     else:
-      core = _attention_core
-      if self.grad_chunk_kib > 0 and self.mesh is not None and jax.default_backend() == 'cpu':
-        core = _chunked_attention_core(self.grad_chunk_kib, self.mesh)
-      y = heads_first(core(scaled(heads_first(q)), heads_first(k), heads_first(v)))
+      y = xla_attention_core(self.grad_chunk_kib, self.mesh, self.dtype)(q, k, v)
     return nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, name='out', **products)(y)
 
 

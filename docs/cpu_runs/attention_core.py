@@ -8,7 +8,7 @@ r"""Each attention block alone: the C++ kernel against XLA, for the core and for
 which of them gains or loses, and on a 2-core host it drifts by 10% or more within minutes. This
 times, for each attention block of the config at its batch size (split over every device, as the
 training step does): the core's forward, the core's forward and backward (on the q, k, v
-layout the kernel takes; XLA's is the chunked core `model.attention_grad_chunk_kib` selects),
+layout the kernel takes; XLA's is `models.xla_attention_core`, as the model runs it),
 and the whole `SelfAttention` (projections, core, output) forward and backward, each way. A
 round times every part both ways, kernel then XLA; the medians over the rounds are printed.
 `--image_size 24` gives the shapes of the early epochs' 24x24 crops.
@@ -24,7 +24,6 @@ if __name__ == '__main__':
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app
 from absl import flags
 from jax.sharding import NamedSharding
@@ -55,18 +54,6 @@ def attention_blocks(model_config, size: int = 32) -> list[tuple[str, int, int, 
   return blocks
 
 
-def _xla_core(model_config, mesh):
-  """XLA's core as `SelfAttention` runs it without the kernel, on the kernel's q, k, v layout."""
-  chunk = model_config.attention_grad_chunk_kib
-  core = models._chunked_attention_core(chunk, mesh) if chunk > 0 else models._attention_core  # pylint: disable=protected-access
-  heads_first = lambda a: a.transpose(0, 2, 1, 3)
-
-  def run(q, k, v):
-    q = q / np.sqrt(q.shape[-1]).astype(np.float32)
-    return heads_first(core(*map(heads_first, (q, k, v))))
-  return run
-
-
 def timers(config, tokens: int, channels: int, heads: int) -> dict:
   """{impl: the three parts' timers} for one block at the config's batch size."""
   mesh = train.data_mesh()
@@ -76,7 +63,8 @@ def timers(config, tokens: int, channels: int, heads: int) -> dict:
   q, k, v, dy = (jax.device_put(jax.random.normal(key, (batch, tokens, heads, depth)), data)
                  for key in keys[:4])
   x = jax.device_put(jax.random.normal(keys[4], (batch, tokens, channels)), data)
-  cores = {'kernel': onednn_attention.attention_core(mesh), 'xla': _xla_core(config.model, mesh)}
+  cores = {'kernel': onednn_attention.attention_core(mesh),
+           'xla': models.xla_attention_core(config.model.attention_grad_chunk_kib, mesh)}
   result = {}
   for impl in _IMPLS:
     core = cores[impl]
