@@ -8,7 +8,24 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+def _save_replicated_arrays_whole() -> None:
+  """Has Orbax copy each replicated array to the host once, from one device, to save it.
+
+  Orbax's default off GPUs ("replica-parallel") gives each of N replicas 1/N of every
+  replicated array to save, for hosts that share the writing; a data-parallel train state is all
+  replicated, so each save dispatched N device slices per array before its copies. On one host
+  that cost the tiny config's save 0.76-0.82 s where a whole copy takes 0.25-0.29 s (4 devices,
+  2-core CPU), and it is what Orbax already does on GPUs. The same checkpoint contents; each
+  array is written as one chunk, and checkpoints written either way restore either way.
+  """
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  # Orbax's registered handler only takes the option in its constructor: switch it there.
+  if getattr(handler, '_use_replica_parallel', False):
+    handler._use_replica_parallel = False  # pylint: disable=protected-access
+
+
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+  _save_replicated_arrays_whole()
   # Async: the device->host copy happens inside save(), the disk write overlaps training. A
   # checkpoint only becomes visible once fully written, so a kill mid-write leaves the
   # previous ones intact.

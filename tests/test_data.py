@@ -159,6 +159,41 @@ def test_training_data_reads_without_tensorflow(tiny_data_dir):
                                                                     conftest.TRAIN_PER_CLASS)]
 
 
+# A stand-in for TensorFlow that records what is asked of its device configuration.
+_FAKE_TENSORFLOW = '''
+class config:
+  calls = []
+
+  @staticmethod
+  def set_visible_devices(devices, kind):
+    config.calls.append((devices, kind))
+'''
+
+_HIDE_THEN_IMPORT = '''
+import sys
+from hybrid_flax import input_pipeline
+input_pipeline.hide_gpus_from_tensorflow()
+input_pipeline.hide_gpus_from_tensorflow()
+assert 'tensorflow' not in sys.modules, 'imported only to hide the GPUs'
+import tensorflow
+print(tensorflow.config.calls)
+input_pipeline.hide_gpus_from_tensorflow()
+print(tensorflow.config.calls)
+'''
+
+
+def test_gpus_are_hidden_from_tensorflow_once_something_imports_it(tmp_path):
+  (tmp_path / 'tensorflow').mkdir()
+  (tmp_path / 'tensorflow' / '__init__.py').write_text(_FAKE_TENSORFLOW)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-c', _HIDE_THEN_IMPORT], capture_output=True, text=True,
+                        timeout=120, check=False,
+                        env={**os.environ, 'PYTHONPATH': os.pathsep.join([str(tmp_path), repo])})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # Hidden once on import (two calls before it add one hook), then again when asked after it.
+  assert proc.stdout.splitlines() == ["[([], 'GPU')]", "[([], 'GPU'), ([], 'GPU')]"]
+
+
 class _Source:
   """The random-access protocol of a TFDS data source; example i's image and label are i."""
 

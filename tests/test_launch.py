@@ -28,6 +28,13 @@ sys.argv = ['launch.py'] + sys.argv[1:]
 runpy.run_path(os.path.join({repo!r}, 'launch.py'), run_name='__main__')
 '''
 
+# Says at exit whether the run imported TensorFlow: training reads its data without it, and
+# importing it (only to hide the GPUs) once cost every launch 4-9 s.
+_REPORTING_LAUNCHER = _HEADER + '''
+import atexit
+atexit.register(lambda: print('tensorflow imported:', 'tensorflow' in sys.modules, file=sys.stderr))
+''' + _RUN_LAUNCH
+
 # SIGKILL right after saving step KILL_AT_STEP: a kill at an exact, reproducible point.
 _KILLING_LAUNCHER = _HEADER + '''
 from hybrid_flax import checkpointing
@@ -83,7 +90,7 @@ def _final_params(workdir):
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory, tiny_data_dir):
   workdir = tmp_path_factory.mktemp('reference')
-  proc = _launch(workdir, tiny_data_dir)
+  proc = _launch(workdir, tiny_data_dir, launcher=_REPORTING_LAUNCHER.format(repo=REPO))
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir, proc
 
@@ -102,6 +109,7 @@ def test_launch_trains_evaluates_and_checkpoints(reference_run):
   assert steps[-1] == TOTAL_STEPS and len(steps) == 3  # keep_checkpoints
   assert 'No checkpoint' in proc.stderr
   assert 'host CPU: ' in proc.stderr  # wall times in the log need the CPU beside them
+  assert 'tensorflow imported: False' in proc.stderr
   assert json.load(open(workdir / 'config.json'))['dataset'] == 'cifar10_folder'
 
 
