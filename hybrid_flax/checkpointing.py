@@ -19,7 +19,8 @@ def _save_replicated_arrays_whole() -> None:
   array is written as one chunk, and checkpoints written either way restore either way.
   """
   handler = ocp.type_handlers.get_type_handler(jax.Array)
-  # Orbax's registered handler only takes the option in its constructor: switch it there.
+  # The option is a constructor argument, and the registered handler carries other settings
+  # (its metadata store): switch it on that instance rather than register a new one.
   if getattr(handler, '_use_replica_parallel', False):
     handler._use_replica_parallel = False  # pylint: disable=protected-access
 

@@ -273,23 +273,40 @@ def test_checkpoint_round_trip(tmp_path, optimizer):
   assert all(jax.tree.leaves(same))  # params, batch_stats, opt_state, step, rng
 
 
-def test_a_replicated_state_is_saved_whole_from_one_device_and_restores(tmp_path):
-  # A data-parallel state lives on every device; Orbax's CPU default would split each array's
-  # saving over the 4 replicas (a device slice each), which cost the tiny config's save ~3x.
-  rep = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P())
-  state = jax.device_put(_trained_state(), rep)
-  manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2)
+def _written_whole(manager, step):
+  """(arrays saved, whether each was written as one chunk) from a checkpoint's metadata."""
+  written = [m for m in jax.tree.leaves(manager.item_metadata(step)['state'])
+             if getattr(m, 'storage', None) is not None and m.shape]
+  return len(written), [m.storage.write_shape == m.shape for m in written]
+
+
+def test_a_replicated_state_is_saved_whole_and_sliced_checkpoints_still_restore(tmp_path):
+  # A data-parallel state lives on every device; Orbax's CPU default splits each array's saving
+  # over the 4 replicas (a device slice each), which cost the tiny config's save ~3x.
+  state = jax.device_put(_trained_state(),
+                         NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), P()))
+  manager = checkpointing.make_manager(str(tmp_path / 'whole'), keep=2)
   assert checkpointing.save(manager, state, {'step': 2})
   manager.wait_until_finished()
-  written = manager.item_metadata(2)['state']
-  shapes = [(m.shape, m.storage.write_shape) for m in jax.tree.leaves(written)
-            if getattr(m, 'storage', None) is not None and m.shape]
-  assert len(shapes) > 10 and all(write == shape for shape, write in shapes), shapes
-  restored, _ = checkpointing.restore_latest(
-      checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2), _abstract(state))
-  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(state),
-                      jax.device_get(restored))
-  assert all(jax.tree.leaves(same))
+  count, whole = _written_whole(manager, 2)
+  assert count > 10 and all(whole)
+  # Runs checkpointed by the code before, in slices, must resume too.
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  handler._use_replica_parallel = True  # pylint: disable=protected-access
+  try:
+    sliced = ocp.CheckpointManager(str(tmp_path / 'sliced'),
+                                   options=ocp.CheckpointManagerOptions(create=True))
+    assert checkpointing.save(sliced, state, {'step': 2})
+    sliced.wait_until_finished()
+  finally:
+    handler._use_replica_parallel = False  # pylint: disable=protected-access
+  assert not all(_written_whole(sliced, 2)[1])
+  for directory in ('whole', 'sliced'):
+    restored, _ = checkpointing.restore_latest(
+        checkpointing.make_manager(str(tmp_path / directory), keep=2), _abstract(state))
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(state),
+                        jax.device_get(restored))
+    assert all(jax.tree.leaves(same)), directory
 
 
 def test_empty_checkpoint_dir_restores_nothing(tmp_path):
