@@ -381,6 +381,7 @@ def xla_attention_core(grad_chunk_kib: int, mesh, dtype: Any = jnp.float32):
     return heads_first(core(q, heads_first(k), heads_first(v)))
   return run
 
+
 def _dense_products(onednn: bool, mesh) -> dict:
   """The `nn.Dense` arguments for an attention block's dense layers: oneDNN's sgemm where
   `onednn` (`onednn_dense`), each device of `mesh` its share of the batch; else XLA's dots."""
