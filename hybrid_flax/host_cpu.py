@@ -43,6 +43,11 @@ def _vector_level(flags: set[str]) -> str:
   return 'no AVX or NEON'
 
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def describe(cpuinfo: str | None = None, cpu_count: int | None = None) -> str:
   """One line: `host CPU: <model> (<family/model>), <n> CPUs usable, <vector level>`.
 
@@ -56,7 +61,7 @@ def describe(cpuinfo: str | None = None, cpu_count: int | None = None) -> str:
     except OSError:
       cpuinfo = ''
   if cpu_count is None:
-    cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cpu_count = usable_cpus()
   fields = _first_block(cpuinfo)
   name = (fields.get('model name') or fields.get('Model name') or platform.processor()
           or platform.machine() or 'unknown')

@@ -222,6 +222,23 @@ def eval_batches(reader: SplitReader, batch_size: int,
     yield {**batch, 'mask': mask.astype(np.float32)}
 
 
+def batch_shapes(reader: SplitReader, batch_size: int,
+                 kind: str) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global shapes and dtypes of what reaches the devices from `reader`: the batches that
+  `train_batches` ('train'), `train_index_batches` ('index') or `eval_batches` ('eval') yield,
+  or the whole split ('split': `config.data_on_device`'s copy, `batch_size` unused)."""
+  rows = len(reader) if kind == 'split' else batch_size
+  example = reader.read(np.arange(0))  # reads nothing: empty arrays of the right dtypes
+  image = jax.ShapeDtypeStruct((rows,) + reader.image_shape, example['image'].dtype)
+  label = jax.ShapeDtypeStruct((rows,), example['label'].dtype)
+  index = jax.ShapeDtypeStruct((rows,), np.int32)
+  return {'train': {'image': image, 'label': label, 'index': index},
+          'index': {'index': index},
+          'eval': {'image': image, 'label': label,
+                   'mask': jax.ShapeDtypeStruct((rows,), np.float32)},
+          'split': {'image': image, 'label': label}}[kind]
+
+
 def to_device(batches, sharding, prefetch: int = 2):
   """Assembles global arrays from process-local batches, keeping `prefetch` batches in flight."""
   def put(batch):

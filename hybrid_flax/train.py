@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hybrid_flax import augment
 from hybrid_flax import checkpointing
+from hybrid_flax import compile_ahead
 from hybrid_flax import input_pipeline
 from hybrid_flax import metric_writer
 from hybrid_flax import models
@@ -611,6 +612,42 @@ class _MetricsBuffer:
     return out
 
 
+def _compile_ahead(config, learning_rate_fn, steps_per_epoch: int, abstract_state, train_reader,
+                   test_reader, data_sharding, needs_early: bool, needs_full: bool):
+  """(the early crops' train step, the full-size one, the eval step), compiling in background
+  threads in that order; a train step not needed is None. With `config.data_on_device` the
+  train steps take the split held on the devices as a third argument."""
+  replicated = NamedSharding(data_sharding.mesh, P())
+  background = compile_ahead.pool(needs_early + needs_full + 1)
+  kind = 'index' if config.data_on_device else 'train'
+  args = (abstract_state, compile_ahead.abstract(
+      input_pipeline.batch_shapes(train_reader, config.batch_size, kind), data_sharding))
+  in_shardings = (replicated, data_sharding)
+  if config.data_on_device:
+    args += (compile_ahead.abstract(input_pipeline.batch_shapes(train_reader, 0, 'split'),
+                                    replicated),)
+    in_shardings += (replicated,)
+
+  def train_program(name, early):
+    step_fn = make_train_step(config, learning_rate_fn, steps_per_epoch, early=early)
+    if config.data_on_device:
+      step_fn = functools.partial(train_step_on_device_data, step_fn=step_fn)
+    return compile_ahead.Program(
+        name, jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(replicated, replicated),
+                      donate_argnums=0), args, background)
+
+  early_fn = train_program('train step on the early crops', True) if needs_early else None
+  train_fn = train_program('train step', False) if needs_full else None
+  eval_fn = compile_ahead.Program(
+      'eval step', jax.jit(functools.partial(eval_step, **test_time_augmentation(config)),
+                           in_shardings=(replicated, data_sharding), out_shardings=replicated),
+      (abstract_state, compile_ahead.abstract(
+          input_pipeline.batch_shapes(test_reader, config.eval_batch_size, 'eval'),
+          data_sharding)), background)
+  background.shutdown(wait=False)  # its threads end with their compilations
+  return early_fn, train_fn, eval_fn
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   with exclusive_workdir(workdir):
@@ -647,15 +684,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   run_meta = {'dataset': config.dataset, 'batch_size': config.batch_size, 'seed': config.seed,
               'num_train_examples': len(train_reader), 'steps_per_epoch': steps_per_epoch}
   state, meta = checkpointing.restore_latest(manager, abstract_state)
-  if state is None:
-    state = jax.jit(init, out_shardings=replicated)(rng)
-    logging.info('No checkpoint in %s: starting from scratch.', workdir)
-    if config.model.whiten:
-      # Every process reads the same images, so all compute the same filters.
-      first = train_reader.read(np.arange(min(WHITENING_IMAGES, len(train_reader))))['image']
-      state = whiten_first_layer(state, first, replicated)
-      logging.info('conv1 whitens 3x3 patches, estimated from %d training images.', len(first))
-  else:
+  if state is not None:
     # Results do not depend on the process count, but a changed one most likely means a
     # mistyped launch (a process missing, two jobs mixed up); say so rather than guess.
     written_by = meta.get('process_count', 1)  # checkpoints that predate the field: 1 process
@@ -668,10 +697,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
       raise ValueError(f'the checkpoint in {workdir} was written with a different input stream '
                        f'(field: (checkpoint, now)) {stale}; resume with the same config or use '
                        'a new --workdir')
+
+  start_step = 0 if state is None else int(jax.device_get(state.step))
+
+  # Steps 1..early_steps train on the smaller early crops: a program of its own (new shapes).
+  early_steps = (config.augment.early_crop_epochs * steps_per_epoch
+                 if config.augment.early_crop_size else 0)
+  # The steps compile from here on, beside the state's initialisation and the data's reading.
+  early_fn, train_fn, eval_fn = _compile_ahead(
+      config, learning_rate_fn, steps_per_epoch, abstract_state, train_reader, test_reader,
+      data_sharding, needs_early=start_step < early_steps,
+      needs_full=total_steps > max(start_step, early_steps))
+
+  if state is None:
+    state = jax.jit(init, out_shardings=replicated)(rng)
+    logging.info('No checkpoint in %s: starting from scratch.', workdir)
+    if config.model.whiten:
+      # Every process reads the same images, so all compute the same filters.
+      first = train_reader.read(np.arange(min(WHITENING_IMAGES, len(train_reader))))['image']
+      state = whiten_first_layer(state, first, replicated)
+      logging.info('conv1 whitens 3x3 patches, estimated from %d training images.', len(first))
+  else:
     logging.info('Resumed from step %d (epoch %d, batch %d of %d).', int(state.step),
                  int(state.step) // steps_per_epoch, int(state.step) % steps_per_epoch,
                  steps_per_epoch)
-  start_step = int(jax.device_get(state.step))
   if is_main:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -683,35 +732,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   if config.data_on_device:
     # The whole split, replicated on every device (150 MB as uint8); each step receives only
     # its examples' indices and gathers them inside the jitted step: no per-step host work.
-    data = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
-                        train_reader.read(np.arange(len(train_reader))))
-
-    def compile_step(step_fn):
-      gather_and_step = jax.jit(functools.partial(train_step_on_device_data, step_fn=step_fn),
-                                in_shardings=(replicated, data_sharding, replicated),
-                                out_shardings=(replicated, replicated), donate_argnums=0)
-      return lambda state, batch: gather_and_step(state, batch, data)
-
+    step_args = (jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, x),
+                              train_reader.read(np.arange(len(train_reader)))),)
     batches = input_pipeline.train_index_batches(
         len(train_reader), batch_size=config.batch_size, seed=config.seed,
         start_step=start_step, num_steps=total_steps, rows=train_rows)
   else:
-    def compile_step(step_fn):
-      return jax.jit(step_fn, in_shardings=(replicated, data_sharding),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
-
+    step_args = ()
     batches = input_pipeline.train_batches(
         train_reader, batch_size=config.batch_size, seed=config.seed, start_step=start_step,
         num_steps=total_steps, rows=train_rows)
-  train_fn = compile_step(make_train_step(config, learning_rate_fn, steps_per_epoch))
-  # Steps 1..early_steps train on the smaller early crops: a program of its own (new shapes).
-  early_steps = config.augment.early_crop_epochs * steps_per_epoch
-  early_fn = (compile_step(make_train_step(config, learning_rate_fn, steps_per_epoch,
-                                           early=True))
-              if config.augment.early_crop_size and early_steps else train_fn)
   batches = input_pipeline.to_device(batches, data_sharding)
-  eval_fn = jax.jit(functools.partial(eval_step, **test_time_augmentation(config)),
-                    in_shardings=(replicated, data_sharding), out_shardings=replicated)
   writer = metric_writer.MetricWriter(workdir, start_step)
   buffer = _MetricsBuffer()
 
@@ -726,10 +757,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   epoch_start_time, epoch_start_step = time.time(), start_step
   with _StopRequest() as stop:
     for step, batch in zip(range(start_step + 1, total_steps + 1), batches):
-      if step == early_steps + 1 and early_fn is not train_fn:
-        logging.info('Step %d: the early crops end; full-size images from here (a new program '
-                     'compiles now).', step)
-      state, metrics = (early_fn if step <= early_steps else train_fn)(state, batch)
+      if step == early_steps + 1 and early_steps:
+        logging.info('Step %d: the early crops end; full-size images from here (their own '
+                     'program).', step)
+      state, metrics = (early_fn if step <= early_steps else train_fn)(state, batch, *step_args)
       buffer.pending.append(metrics)
       if len(buffer.pending) > 2:
         # Bound the run-ahead of async dispatch: progress, timings and a stop signal then
@@ -739,7 +770,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         progress.update(1)
       if step == start_step + 1:
         jax.block_until_ready(state)
-        logging.info('First step (compilation included) took %.1fs.', time.time() - last_log_time)
+        logging.info('First step (and any wait for its compilation) took %.1fs.',
+                     time.time() - last_log_time)
         last_log_time, last_log_step = time.time(), step
         epoch_start_time, epoch_start_step = time.time(), step
       epoch, batch_in_epoch = divmod(step, steps_per_epoch)

@@ -282,6 +282,31 @@ def test_eval_batches_cover_every_example_once_with_padding_masked(processes, ba
   assert count == n
 
 
+def test_batch_shapes_are_those_of_the_batches_the_pipelines_yield():
+  # The steps compile ahead for these shapes; a batch of any other is a TypeError at the call.
+  def shapes(batch):
+    return {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+  def spec(kind, batch_size):
+    reader = _reader(13)
+    out = {k: (v.shape, v.dtype)
+           for k, v in input_pipeline.batch_shapes(reader, batch_size, kind).items()}
+    assert reader.num_read == 0
+    return out
+
+  rows = np.arange(4)
+  fed = next(input_pipeline.train_batches(_reader(13), batch_size=4, seed=0, start_step=0,
+                                          num_steps=1, rows=rows))
+  index = next(input_pipeline.train_index_batches(13, batch_size=4, seed=0, start_step=0,
+                                                  num_steps=1, rows=rows))
+  last_eval = list(input_pipeline.eval_batches(_reader(13), 5, np.arange(5)))[-1]  # padded
+  assert spec('train', 4) == shapes(fed)
+  assert spec('index', 4) == shapes(index)
+  assert spec('eval', 5) == shapes(last_eval)
+  reader = _reader(13)
+  assert spec('split', 0) == shapes(reader.read(np.arange(13)))
+
+
 def test_batches_land_sharded_over_the_data_axis():
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   mesh = Mesh(np.asarray(jax.devices()), ('data',))

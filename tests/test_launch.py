@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,11 @@ def _launch(workdir, data_dir, *extra, env=None, launcher=None):
                         env={**os.environ, **(env or {})}, check=False)
 
 
+def compiled_ahead(proc):
+  """The programs a launch compiled in the background, by name, in the order they finished."""
+  return re.findall(r'Compiled the (.+?) in [0-9.]+s \(in the background\)', proc.stderr)
+
+
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
@@ -97,6 +103,7 @@ def reference_run(tmp_path_factory, tiny_data_dir):
 
 def test_launch_trains_evaluates_and_checkpoints(reference_run):
   workdir, proc = reference_run
+  assert sorted(compiled_ahead(proc)) == ['eval step', 'train step']
   epochs = [m for m in _metrics(workdir) if m['kind'] == 'epoch']
   assert [m['epoch'] for m in epochs] == list(range(1, EPOCHS + 1))
   for m in epochs:
@@ -139,6 +146,7 @@ def test_rerunning_a_finished_run_only_evaluates(reference_run, tiny_data_dir):
   proc = _launch(workdir, tiny_data_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert 'Training already finished' in proc.stderr
+  assert compiled_ahead(proc) == ['eval step']  # no train step to compile for nothing
   assert _metrics(workdir)[-1]['kind'] == 'final'
   assert _final_params(workdir)[0] == before[0]
 

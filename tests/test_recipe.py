@@ -500,6 +500,8 @@ def test_airbench_schedule_switches_train_end_to_end_the_same_on_both_pipelines(
     proc = _launch(workdir, tiny_data_dir, *switches, f'--config.data_on_device={on_device}')
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f'Step {test_launch.STEPS_PER_EPOCH + 1}: the early crops end' in proc.stderr
+    assert sorted(test_launch.compiled_ahead(proc)) == [
+        'eval step', 'train step', 'train step on the early crops']
     step, state = _final_params(workdir)
     assert step == test_launch.TOTAL_STEPS and 'ema' in state
     epochs = [m for m in _metrics(workdir) if m['kind'] == 'epoch']
@@ -507,3 +509,11 @@ def test_airbench_schedule_switches_train_end_to_end_the_same_on_both_pipelines(
     states.append(state)
   # The same examples by index on both pipelines, so the same flips and the same training.
   jax.tree.map(np.testing.assert_array_equal, *states)
+
+  # One more epoch, resumed after the early crops: their program is not compiled again.
+  proc = _launch(tmp_path / 'on_device_True', tiny_data_dir, *switches,
+                 '--config.data_on_device=True', f'--config.num_epochs={test_launch.EPOCHS + 1}')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert sorted(test_launch.compiled_ahead(proc)) == ['eval step', 'train step']
+  assert _final_params(tmp_path / 'on_device_True')[0] == (
+      test_launch.TOTAL_STEPS + test_launch.STEPS_PER_EPOCH)
