@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging as std_logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,13 +26,19 @@ def _save_replicated_arrays_whole() -> None:
     handler._use_replica_parallel = False  # pylint: disable=protected-access
 
 
+def _absolute(directory: str) -> str:
+  # Orbax's array writer (TensorStore's OCDBT spec) refuses a relative path, and only when the
+  # first save commits, so a run given `--workdir runs/x` trained its first epoch, then died.
+  return os.path.abspath(directory)
+
+
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
   _save_replicated_arrays_whole()
   # Async: the device->host copy happens inside save(), the disk write overlaps training. A
   # checkpoint only becomes visible once fully written, so a kill mid-write leaves the
   # previous ones intact.
   return ocp.CheckpointManager(
-      directory,
+      _absolute(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True),
   )
@@ -48,7 +55,8 @@ def open_read_only(directory: str) -> ocp.CheckpointManager:
   absl_logger = std_logging.getLogger('absl')
   if _not_read_only_notice not in absl_logger.filters:
     absl_logger.addFilter(_not_read_only_notice)
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  return ocp.CheckpointManager(_absolute(directory),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
 
 
 class UnreadableCheckpointsError(ValueError):

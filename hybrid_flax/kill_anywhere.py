@@ -132,8 +132,8 @@ def run_with_kills(launch_args, workdir, logs_dir, kills, max_delay, max_writes,
 def final_state(workdir: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   step = _checkpoint_steps(workdir)[-1]
-  return step, ocp.StandardCheckpointer().restore(
-      os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return step, ocp.StandardCheckpointer().restore(  # Orbax reads absolute paths only
+      os.path.abspath(os.path.join(workdir, 'checkpoints', str(step), 'state')))
 
 
 def compare(reference: str, killed: str) -> list[str]:

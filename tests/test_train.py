@@ -3,6 +3,8 @@
 import functools
 import os
 import shutil
+import subprocess
+import sys
 from typing import Any
 
 import jax
@@ -271,6 +273,31 @@ def test_checkpoint_round_trip(tmp_path, optimizer):
   same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(state),
                       jax.device_get(restored))
   assert all(jax.tree.leaves(same))  # params, batch_stats, opt_state, step, rng
+
+
+def test_checkpoints_save_and_restore_under_a_relative_workdir(tmp_path, monkeypatch):
+  # `--workdir runs/x`, as README's commands give it: Orbax's array writer wants absolute
+  # paths, and a relative one once failed the first save (after the first epoch's training).
+  monkeypatch.chdir(tmp_path)
+  state = _trained_state()
+  manager = checkpointing.make_manager(os.path.join('runs', 'x', 'checkpoints'), keep=2)
+  assert checkpointing.save(manager, state, {'step': 2})
+  manager.wait_until_finished()
+  assert os.listdir(tmp_path / 'runs' / 'x' / 'checkpoints') == ['2']
+  for reopened in (checkpointing.make_manager(os.path.join('runs', 'x', 'checkpoints'), keep=2),
+                   checkpointing.open_read_only(os.path.join('runs', 'x', 'checkpoints'))):
+    restored, meta = checkpointing.restore_latest(reopened, _abstract(state))
+    assert meta == {'step': 2}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))
+  # The kill-anywhere check's reading of a run's final state (its --reference may be relative).
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-c', 'from hybrid_flax import kill_anywhere; '
+       'step, state = kill_anywhere.final_state("runs/x"); print(step, sorted(state))'],
+      capture_output=True, text=True, timeout=120, check=False,
+      env={**os.environ, 'PYTHONPATH': repo, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split('\n')[0].startswith("2 ['batch_stats',")
 
 
 def _written_whole(manager, step):
