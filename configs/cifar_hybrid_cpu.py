@@ -16,7 +16,7 @@ Results has the latest. Why each choice differs from `cifar_hybrid_fast.py`:
   each evaluation costs ~30 s of the budget per pair of views);
 - Muon on the conv kernels (airbench94_muon's optimizer) at peak learning rate 0.08: airbench's
   0.24 is set for batch 2000 and ~200 steps, and in 3-epoch screens here 0.08 beat it and 0.03.
-  With SGD (`--config.optimizer=sgd`) three of seven draws reached 88%; with Muon all twenty-two
+  With SGD (`--config.optimizer=sgd`) three of seven draws reached 88%; with Muon all twenty-three
   runs so far have (88.48-88.92%).
 """
 
