@@ -28,7 +28,7 @@ def _save_replicated_arrays_whole() -> None:
 
 def _absolute(directory: str) -> str:
   # Orbax's array writer (TensorStore's OCDBT spec) refuses a relative path, and only when the
-  # first save commits, so a run given `--workdir runs/x` trained its first epoch, then died.
+  # first save commits, so a run given `--workdir runs/x` trained to its first checkpoint and died.
   return os.path.abspath(directory)
 
 
