@@ -4,6 +4,7 @@ asserted)."""
 import importlib.util
 import math
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -217,5 +218,22 @@ def test_gpu_screen_builds_each_wave_on_the_best_finished_run():
   results['altflip_shift2']['test_accuracy'] = 0.92
   assert 'altflip_shift2+altflip_shift2' not in screen.second_wave(results)
   assert screen.seeds_wave(results) == {
-      'config': [], 'altflip_shift2_seed1': screen.AIRBENCH + ['--config.seed=1'],
+      'altflip_shift2_seed1': screen.AIRBENCH + ['--config.seed=1'],
       'altflip_shift2_seed2': screen.AIRBENCH + ['--config.seed=2']}
+
+
+def test_gpu_screen_times_the_solo_run_to_the_target_and_kills_a_silent_one(tmp_path):
+  screen = _docs_script('device_runs', 'screen')
+  epochs = ('import time\n'
+            'print("I kind=epoch step=1 epoch=1 test_accuracy=0.5", flush=True)\n'
+            'time.sleep(1)\n'
+            'print("I kind=epoch step=2 epoch=2 test_accuracy=0.82", flush=True)\n')
+  reached, wall, rc = screen.alone_to_target([sys.executable, '-c', epochs], None,
+                                             str(tmp_path / 'a.log'), timeout=60)
+  assert rc == 0 and 1.0 <= reached <= wall < 60
+  assert '# 81.6% reached' in (tmp_path / 'a.log').read_text()
+  # No output at all: the watchdog still ends it at its limit.
+  reached, wall, rc = screen.alone_to_target(
+      [sys.executable, '-c', 'import time; time.sleep(60)'], None, str(tmp_path / 'b.log'),
+      timeout=2)
+  assert reached is None and rc != 0 and wall < 30
