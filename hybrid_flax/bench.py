@@ -38,6 +38,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from hybrid_flax import compile_ahead
 from hybrid_flax import fused_batch_norm
 from hybrid_flax import host_cpu
 from hybrid_flax import input_pipeline
@@ -106,8 +107,7 @@ def _flops(step, *args) -> float:
   every machine; the GPU's own lowered programs have no cost analysis.
   """
   cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
-  cost = jax.jit(step).lower(*abstract).cost_analysis()
+  cost = jax.jit(step).lower(*compile_ahead.abstract(args, cpu)).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX versions
   return float(cost.get('flops', float('nan')))
 

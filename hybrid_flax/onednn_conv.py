@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from hybrid_flax import host_cpu
+
 IMPLS = ('auto', 'onednn', 'xla')  # config.model.conv_impl
 # Maps at least MIN_SIZE wide run all three through oneDNN in XLA's NHWC layout. Smaller ones,
 # down to BLOCKED_MIN_SIZE, run the forward and the input gradient in oneDNN's blocked layout
@@ -195,7 +197,7 @@ def threads_per_device(mesh) -> int:
     local = 1
   else:
     local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-  return max(1, len(os.sched_getaffinity(0)) // max(local, 1))
+  return max(1, host_cpu.usable_cpus() // max(local, 1))
 
 
 def splits(mesh, batch_size: int) -> bool:

@@ -362,9 +362,8 @@ def state_factory(config, steps_per_epoch: int, image_shape, sharding):
   tx = create_optimizer(config, learning_rate_fn, mesh)
   init = functools.partial(create_train_state, model=model, tx=tx, image_shape=image_shape,
                            ema=config.ema_decay > 0 or config.lookahead_every > 0)
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      jax.eval_shape(init, jax.random.PRNGKey(config.seed)))
+  abstract_state = compile_ahead.abstract(
+      jax.eval_shape(init, jax.random.PRNGKey(config.seed)), sharding)
   return learning_rate_fn, init, abstract_state
 
 

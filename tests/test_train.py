@@ -277,7 +277,7 @@ def test_checkpoint_round_trip(tmp_path, optimizer):
 
 def test_checkpoints_save_and_restore_under_a_relative_workdir(tmp_path, monkeypatch):
   # `--workdir runs/x`, as README's commands give it: Orbax's array writer wants absolute
-  # paths, and a relative one once failed the first save (after the first epoch's training).
+  # paths, and a relative one once failed the first save (a run died at its first checkpoint).
   monkeypatch.chdir(tmp_path)
   state = _trained_state()
   manager = checkpointing.make_manager(os.path.join('runs', 'x', 'checkpoints'), keep=2)
