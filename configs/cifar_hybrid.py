@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'cifar10' is the official data set; 'cifar10_folder' is a copy imported from images.
   config.dataset = 'cifar10'
   config.data_dir = ''  # '' means TFDS's default: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  # TFDS split strings, slices included: train_split='train[:45000]' with
+  # eval_split='train[45000:]' holds out a validation set and keeps the test set for the end.
   config.train_split = 'train'
   config.eval_split = 'test'
   # Keep the whole training split on every device and gather each batch there, so a step needs

@@ -3,12 +3,15 @@ r"""Evaluates a run's latest checkpoint: accuracy, per-class accuracy and the co
   python -m hybrid_flax.evaluate --workdir runs/hybrid [--split test] [--dataset D --data_dir DIR]
       [--eval_flip true|false] [--eval_translate N]
 
-Prints the report and writes WORKDIR/eval/step_<N>.json and WORKDIR/figures/confusion_step_<N>.png.
-The data set, data dir and split default to the run's own.
+Prints the report and writes WORKDIR/eval/step_<N>.json and WORKDIR/figures/confusion_step_<N>.png,
+named step_<N>_<dataset>_<split> where --dataset or --split is not the run's own evaluation data
+(a run that held out part of the training split, say, evaluated once on `test`). The data set,
+data dir and split default to the run's own.
 """
 
 import json
 import os
+import re
 
 import numpy as np
 import optax
@@ -82,13 +85,16 @@ def main(argv=None):
   print(f'{run.workdir}: checkpoint at step {run.step}, {dataset}[{split}], '
         f'{len(labels)} examples, test-time flip {tta["flip"]}, translate '
         f'{tta["translate"]}\n{report(result, classes)}')
-  json_path = os.path.join(run.workdir, 'eval', f'step_{run.step}.json')
+  name = f'step_{run.step}'
+  if (dataset, split) != (config.dataset, config.eval_split):
+    name += '_' + re.sub(r'[^0-9A-Za-z]+', '_', f'{dataset}_{split}').strip('_')
+  json_path = os.path.join(run.workdir, 'eval', f'{name}.json')
   os.makedirs(os.path.dirname(json_path), exist_ok=True)
   with open(json_path, 'w') as f:
     json.dump(result, f, indent=1)
   png = figures.confusion_matrix(
       result['confusion_matrix'], classes,
-      os.path.join(run.workdir, 'figures', f'confusion_step_{run.step}.png'),
+      os.path.join(run.workdir, 'figures', f'confusion_{name}.png'),
       title=f'{dataset}[{split}], step {run.step}: accuracy {result["accuracy"]:.2%}')
   print(f'\nwrote {json_path}\nwrote {png}')
   return result

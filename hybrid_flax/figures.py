@@ -25,8 +25,12 @@ def _series(records, key):
   return ([p[0] for p in points], [float(p[1]) for p in points]) if points else ([], [])
 
 
-def training_curves(records: Sequence[dict], path: str, title: str = '') -> str:
-  """Loss, accuracy, learning rate and throughput against epochs, from metrics.jsonl records."""
+def training_curves(records: Sequence[dict], path: str, title: str = '',
+                    eval_label: str = 'test') -> str:
+  """Loss, accuracy, learning rate and throughput against epochs, from metrics.jsonl records.
+
+  `eval_label` names what the records' test_* figures were measured on (the run's eval_split).
+  """
   train = [r for r in records if r.get('kind') == 'train']
   epochs = [r for r in records if r.get('kind') == 'epoch']
   if not train and not epochs:
@@ -35,10 +39,10 @@ def training_curves(records: Sequence[dict], path: str, title: str = '') -> str:
   panels = [
       (axes[0, 0], 'loss', [(train, 'train_loss', 'train (per log interval)', '-', 0.4),
                             (epochs, 'train_loss', 'train (epoch mean)', 'o-', 1.0),
-                            (epochs, 'test_loss', 'test', 's-', 1.0)]),
+                            (epochs, 'test_loss', eval_label, 's-', 1.0)]),
       (axes[0, 1], 'accuracy', [(train, 'train_accuracy', 'train (per log interval)', '-', 0.4),
                                 (epochs, 'train_accuracy', 'train (epoch mean)', 'o-', 1.0),
-                                (epochs, 'test_accuracy', 'test', 's-', 1.0)]),
+                                (epochs, 'test_accuracy', eval_label, 's-', 1.0)]),
       (axes[1, 0], 'learning rate', [(train, 'learning_rate', None, '-', 1.0)]),
       (axes[1, 1], 'images / s', [(train, 'images_per_sec', 'training', '-', 1.0)]),
   ]
@@ -53,7 +57,7 @@ def training_curves(records: Sequence[dict], path: str, title: str = '') -> str:
     if any(label for _, _, label, _, _ in lines) and ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
   final = [r['test_accuracy'] for r in epochs if 'test_accuracy' in r]
-  suffix = f' (final test accuracy {final[-1]:.2%})' if final else ''
+  suffix = f' (final {eval_label} accuracy {final[-1]:.2%})' if final else ''
   fig.suptitle(f'{title}{suffix}')
   return _save(fig, path)
 

@@ -93,9 +93,11 @@ class SplitReader:
   buffers are allocated untouched, so memory grows only with what was read.
   """
 
-  def __init__(self, source, image_shape):
+  def __init__(self, source, image_shape, examples=None):
     # `source`: a TFDS data source, or anything with len() and __getitems__(indices).
+    # `examples`: where they lie in the data set, [(split name, range of indices)], if known.
     self._source = source
+    self.examples = examples
     n = len(source)
     self.image_shape = tuple(image_shape)
     self._images = np.empty((n,) + self.image_shape, np.uint8)
@@ -136,12 +138,34 @@ def open_split(dataset: str, split: str, data_dir: str | None = None) -> SplitRe
   if not builder.is_prepared():
     raise DatasetUnavailableError(
         f'TFDS data set {dataset!r} is not prepared in {where}.\n{IMPORT_HINT}')
-  if split not in builder.info.splits:
+  sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
+  try:
+    # TFDS's split syntax: 'train', 'train[:45000]', 'train[90%:]', 'train[:10%]+test', ...
+    examples = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+    size = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
     raise DatasetUnavailableError(
-        f'{dataset!r} has no split {split!r}; it has {sorted(builder.info.splits)}')
-  reader = SplitReader(builder.as_data_source(split=split), builder.info.features['image'].shape)
+        f'{dataset!r} has no split {split!r} ({_one_line(e)}); it has {sizes}, and slices of '
+        "them such as 'train[:45000]' or 'train[90%:]'") from None
+  if size <= 0:
+    raise DatasetUnavailableError(f'split {split!r} of {dataset!r} is empty; it has {sizes}')
+  reader = SplitReader(builder.as_data_source(split=split), builder.info.features['image'].shape,
+                       examples=[(e.splitname, range(sizes[e.splitname])[e.from_:e.to])
+                                 for e in examples])
   logging.info('Opened %s[%s]: %d examples in %s', dataset, split, len(reader), builder.data_dir)
   return reader
+
+
+def _one_line(error: Exception) -> str:
+  return ' '.join(str(error).split())
+
+
+def shared_examples(a: SplitReader, b: SplitReader) -> int:
+  """How many examples two splits of one data set have in common (0 where either is unknown)."""
+  if a.examples is None or b.examples is None:
+    return 0
+  return sum(len(range(max(x.start, y.start), min(x.stop, y.stop)))
+             for name_a, x in a.examples for name_b, y in b.examples if name_a == name_b)
 
 
 def load_split(dataset: str, split: str,

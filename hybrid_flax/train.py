@@ -667,6 +667,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
 
   train_reader = input_pipeline.open_split(config.dataset, config.train_split, config.data_dir)
   test_reader = input_pipeline.open_split(config.dataset, config.eval_split, config.data_dir)
+  shared = input_pipeline.shared_examples(train_reader, test_reader)
+  if shared:
+    # Deliberate when measuring fit to the training data, a mistake when holding out a set.
+    logging.warning('%d of the %d evaluation examples (%s) are also training examples (%s): '
+                    'their accuracy is not a held-out estimate.', shared, len(test_reader),
+                    config.eval_split, config.train_split)
   steps_per_epoch = len(train_reader) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f'batch_size={config.batch_size} exceeds the {len(train_reader)} training '
@@ -680,7 +686,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'),
                                        config.keep_checkpoints)
-  run_meta = {'dataset': config.dataset, 'batch_size': config.batch_size, 'seed': config.seed,
+  run_meta = {'dataset': config.dataset, 'train_split': config.train_split,
+              'batch_size': config.batch_size, 'seed': config.seed,
               'num_train_examples': len(train_reader), 'steps_per_epoch': steps_per_epoch}
   state, meta = checkpointing.restore_latest(manager, abstract_state)
   if state is not None:
@@ -691,7 +698,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
       raise ValueError(f'the checkpoint in {workdir} was written by {written_by} process(es) and '
                        f'this run has {jax.process_count()}; resume with --num_processes='
                        f'{written_by} or use a new --workdir')
-    stale = {k: (meta.get(k), v) for k, v in run_meta.items() if meta.get(k) != v}
+    written = {'train_split': 'train', **meta}  # checkpoints that predate the field: 'train'
+    stale = {k: (written.get(k), v) for k, v in run_meta.items() if written.get(k) != v}
     if stale:
       raise ValueError(f'the checkpoint in {workdir} was written with a different input stream '
                        f'(field: (checkpoint, now)) {stale}; resume with the same config or use '

@@ -1,6 +1,7 @@
 """The offline import into TFDS, reading it back without TensorFlow, and batch order."""
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -132,6 +133,38 @@ def test_missing_dataset_says_how_to_import(tmp_path):
     input_pipeline.load_split('cifar10', 'train', str(tmp_path))
   with pytest.raises(input_pipeline.DatasetUnavailableError, match="unknown data set 'cifar11'"):
     input_pipeline.load_split('cifar11', 'train', str(tmp_path))
+
+
+def test_slices_of_a_split_read_its_examples_and_say_what_they_share(tiny_data_dir):
+  images, labels = input_pipeline.load_split('cifar10_folder', 'train', tiny_data_dir)
+  n = len(labels)
+  read = {s: input_pipeline.open_split('cifar10_folder', s, tiny_data_dir)
+          for s in ('train', 'train[:60]', 'train[60:]', 'train[:25%]', 'train[50:]+test')}
+  for split, rows in (('train[:60]', slice(0, 60)), ('train[60:]', slice(60, n)),
+                      ('train[:25%]', slice(0, n // 4))):
+    got = read[split].read(np.arange(len(read[split])))
+    np.testing.assert_array_equal(got['image'], images[rows])
+    np.testing.assert_array_equal(got['label'], labels[rows])
+  assert len(read['train[50:]+test']) == n - 50 + 10 * conftest.TEST_PER_CLASS
+  shared = input_pipeline.shared_examples
+  assert shared(read['train[:60]'], read['train[60:]']) == 0  # a held-out set
+  assert shared(read['train'], read['train[60:]']) == n - 60
+  assert shared(read['train[:60]'], read['train[50:]+test']) == 10  # only train[50:60]
+  assert shared(read['train[:25%]'], _reader(4)) == 0  # a source that cannot say
+
+
+@pytest.mark.parametrize('split, match', [
+    ('tset', "'cifar10_folder' has no split 'tset' (Unknown split 'tset'. Should be one of "
+             "['train', 'test'].); it has {'train': 80, 'test': 20}, and slices"),
+    ('train[abc]', "has no split 'train[abc]' (Error parsing split"),
+    ('train[:0]', "split 'train[:0]' of 'cifar10_folder' is empty"),
+    ('train[90:]', "has no split 'train[90:]' (Requested slice [90:80] incompatible with 80 "
+                   "examples.)"),
+    ('train[10:5]', "split 'train[10:5]' of 'cifar10_folder' is empty"),
+])
+def test_a_bad_split_names_the_splits_there_are(tiny_data_dir, split, match):
+  with pytest.raises(input_pipeline.DatasetUnavailableError, match=re.escape(match)):
+    input_pipeline.open_split('cifar10_folder', split, tiny_data_dir)
 
 
 _READ_WITHOUT_TF = '''
@@ -291,7 +324,7 @@ def test_batch_shapes_are_those_of_the_batches_the_pipelines_yield():
     reader = _reader(13)
     out = {k: (v.shape, v.dtype)
            for k, v in input_pipeline.batch_shapes(reader, batch_size, kind).items()}
-    assert reader.num_read == 0
+    assert reader.num_read == 0  # a reader that does not know where its examples lie
     return out
 
   rows = np.arange(4)

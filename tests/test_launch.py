@@ -1,5 +1,6 @@
 """launch.py end to end on a tiny imported data set: train, kill, resume, and errors."""
 
+import glob
 import json
 import os
 import re
@@ -196,6 +197,7 @@ def test_missing_dataset_stops_at_once_with_import_instructions(tmp_path):
      'error: bad config override: \'learnig_rate\' Did you mean "learning_rate"'),
     ('--config.model.num_heads=3', 'is not divisible by model.num_heads=3'),
     ('--config.dataset=cifar11', "error: unknown data set 'cifar11'"),
+    ('--config.eval_split=tset', "error: 'cifar10_folder' has no split 'tset' (Unknown split"),
     ('--config=configs/nope.py', 'error: cannot load the --config file: OSError'),
     ('--config.xla_cpu_convolutions=fast',
      "error: xla_cpu_convolutions must be one of ('xla', 'default'), got 'fast'"),
@@ -218,6 +220,46 @@ def test_checkpoints_this_config_cannot_read_stop_the_run_instead_of_restarting(
   assert 'use a new --workdir' in last and 'Traceback' not in proc.stderr
   assert 'starting from scratch' not in proc.stderr
   assert sorted(os.listdir(workdir / 'checkpoints')) == before  # nothing written or deleted
+
+
+def test_a_held_out_slice_of_the_training_split_is_evaluated_and_overlap_flagged(
+    tmp_path, tiny_data_dir):
+  # 64 of the 80 training examples train; the evaluation reads the last 32, half of them trained on.
+  proc = _launch(tmp_path, tiny_data_dir, '--config.train_split=train[:64]',
+                 '--config.eval_split=train[48:]', '--config.num_epochs=1')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert ('16 of the 32 evaluation examples (train[48:]) are also training examples '
+          '(train[:64])') in proc.stderr
+  assert 'Opened cifar10_folder[train[:64]]: 64 examples' in proc.stderr
+  epochs = [m for m in _metrics(tmp_path) if m['kind'] == 'epoch']
+  assert [m['test_examples'] for m in epochs] == [32]
+  assert epochs[0]['step'] == 64 // 16
+
+
+def _checkpoint_meta_files(workdir):
+  return [os.path.join(d, 'meta', 'metadata')
+          for d in glob.glob(os.path.join(workdir, 'checkpoints', '[0-9]*'))]
+
+
+def test_resuming_on_another_training_split_is_refused(reference_run, tiny_data_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_run[0], workdir)
+  # As many examples as the reference run's 'train', so only the split's name tells them apart.
+  proc = _launch(workdir, tiny_data_dir, '--config.train_split=train[16:]+test[:16]')
+  last = proc.stderr.splitlines()[-1]
+  assert proc.returncode != 0 and 'written with a different input stream' in last
+  assert "'train_split': ('train', 'train[16:]+test[:16]')" in last
+  # Checkpoints written before the field existed were all on 'train', and still resume.
+  files = _checkpoint_meta_files(workdir)
+  assert files
+  for path in files:
+    with open(path) as f:
+      meta = json.load(f)
+    assert meta.pop('train_split') == 'train'
+    with open(path, 'w') as f:
+      json.dump(meta, f)
+  proc = _launch(workdir, tiny_data_dir)
+  assert proc.returncode == 0 and 'Training already finished' in proc.stderr, proc.stderr[-4000:]
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_continues(

@@ -90,6 +90,15 @@ def test_evaluate_agrees_with_the_runs_own_evaluation(workdir, run, capsys):
   assert _is_png(os.path.join(workdir, 'figures', f'confusion_step_{run.step}.png'))
 
 
+def test_evaluate_on_another_split_writes_beside_the_runs_own_report(workdir, run):
+  result = evaluate.main(['--workdir', workdir, '--split', 'train[:30]'])
+  assert result['examples'] == 30 and result['split'] == 'train[:30]'
+  name = f'step_{run.step}_cifar10_folder_train_30'
+  with open(os.path.join(workdir, 'eval', f'{name}.json')) as f:
+    assert json.load(f)['accuracy'] == result['accuracy']
+  assert _is_png(os.path.join(workdir, 'figures', f'confusion_{name}.png'))
+
+
 def test_evaluate_uses_the_ema_weights_and_flip_tta_as_training_did(recipe_workdir):
   result = evaluate.main(['--workdir', recipe_workdir])
   last_epoch = [r for r in metric_writer.read_metrics(recipe_workdir) if r['kind'] == 'epoch'][-1]
@@ -203,6 +212,20 @@ def test_tool_errors_are_one_line_on_the_command_line(workdir, tmp_path):
 def test_plots_draw_the_runs_curves(workdir):
   out = plots.main(['--workdir', workdir])
   assert _is_png(out)
+
+
+def test_plots_name_the_split_a_run_evaluated_on(tmp_path, monkeypatch):
+  epoch = {'kind': 'epoch', 'step': 4, 'epoch': 1, 'train_loss': 1.2, 'test_loss': 1.3,
+           'train_accuracy': 0.5, 'test_accuracy': 0.4}
+  (tmp_path / 'metrics.jsonl').write_text(json.dumps(epoch) + '\n')
+  drawn = []
+  monkeypatch.setattr(figures, '_save', lambda fig, path: drawn.append(fig) or path)
+  plots.main(['--workdir', str(tmp_path)])  # no config.json: the run's test split
+  (tmp_path / 'config.json').write_text(json.dumps({'eval_split': 'train[45000:]'}))
+  plots.main(['--workdir', str(tmp_path)])
+  for fig, split in zip(drawn, ('test', 'train[45000:]')):
+    assert fig.axes[1].get_legend_handles_labels()[1][-1] == split
+    assert fig.get_suptitle().endswith(f'(final {split} accuracy 40.00%)')
 
 
 def test_metrics_count_a_resumed_runs_replayed_records_once(tmp_path):
