@@ -132,4 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200  # plus one at every epoch end and at the end of training
   config.keep_checkpoints = 3
   config.progress_bar = True
+  # > 0: a JAX profiler trace of this many steps after the launch's first, into WORKDIR/profile
+  # (TensorBoard's profile plugin, or Perfetto for its trace.json.gz).
+  config.profile_steps = 0
   return config

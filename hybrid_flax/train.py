@@ -26,6 +26,7 @@ from hybrid_flax import compile_ahead
 from hybrid_flax import input_pipeline
 from hybrid_flax import metric_writer
 from hybrid_flax import models
+from hybrid_flax import profiling
 from hybrid_flax import xla_cpu_flags
 
 SCHEDULES = ('constant', 'cosine', 'linear')
@@ -125,6 +126,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (0 <= config.label_smoothing < 1,
        f'label_smoothing must be in [0, 1), got {config.label_smoothing}'),
       (0 <= config.ema_decay < 1, f'ema_decay must be in [0, 1), got {config.ema_decay}'),
+      (config.profile_steps >= 0, f'profile_steps must be >= 0, got {config.profile_steps}'),
       (config.lookahead_every >= 0,
        f'lookahead_every must be >= 0, got {config.lookahead_every}'),
       (0 < config.lookahead_decay < 1,
@@ -762,12 +764,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   progress = _progress(config, is_main, total_steps, start_step, steps_per_epoch)
   last_log_time, last_log_step = time.time(), start_step
   epoch_start_time, epoch_start_step = time.time(), start_step
-  with _StopRequest() as stop:
+  # After the launch's first step, which waits for its compilation.
+  profile = profiling.StepWindow(os.path.join(workdir, 'profile'), config.profile_steps,
+                                 start_step + 1, total_steps, enabled=is_main)
+  with _StopRequest() as stop, profile:
     for step, batch in zip(range(start_step + 1, total_steps + 1), batches):
       if step == early_steps + 1 and early_steps:
         logging.info('Step %d: the early crops end; full-size images from here (their own '
                      'program).', step)
-      state, metrics = (early_fn if step <= early_steps else train_fn)(state, batch, *step_args)
+      profile.before(step)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = (early_fn if step <= early_steps else train_fn)(state, batch, *step_args)
+      profile.after(step, state)
       buffer.pending.append(metrics)
       if len(buffer.pending) > 2:
         # Bound the run-ahead of async dispatch: progress, timings and a stop signal then

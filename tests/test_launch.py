@@ -1,6 +1,7 @@
 """launch.py end to end on a tiny imported data set: train, kill, resume, and errors."""
 
 import glob
+import gzip
 import json
 import os
 import re
@@ -197,6 +198,7 @@ def test_missing_dataset_stops_at_once_with_import_instructions(tmp_path):
      'error: bad config override: \'learnig_rate\' Did you mean "learning_rate"'),
     ('--config.model.num_heads=3', 'is not divisible by model.num_heads=3'),
     ('--config.dataset=cifar11', "error: unknown data set 'cifar11'"),
+    ('--config.profile_steps=-1', 'profile_steps must be >= 0, got -1'),
     ('--config.eval_split=tset', "error: 'cifar10_folder' has no split 'tset' (Unknown split"),
     ('--config=configs/nope.py', 'error: cannot load the --config file: OSError'),
     ('--config.xla_cpu_convolutions=fast',
@@ -234,6 +236,20 @@ def test_a_held_out_slice_of_the_training_split_is_evaluated_and_overlap_flagged
   epochs = [m for m in _metrics(tmp_path) if m['kind'] == 'epoch']
   assert [m['test_examples'] for m in epochs] == [32]
   assert epochs[0]['step'] == 64 // 16
+
+
+def test_profile_steps_trace_a_window_after_the_first_step(tmp_path, tiny_data_dir):
+  proc = _launch(tmp_path, tiny_data_dir, '--config.profile_steps=2', '--config.num_epochs=1')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert re.search(r'Profiled steps 2-3 \([0-9.]+s\) into .*profile/plugins/profile', proc.stderr)
+  traces = glob.glob(str(tmp_path / 'profile' / 'plugins' / 'profile' / '*' / '*.trace.json.gz'))
+  assert len(traces) == 1 and glob.glob(os.path.join(os.path.dirname(traces[0]), '*.xplane.pb'))
+  with gzip.open(traces[0], 'rt') as f:
+    events = json.load(f)['traceEvents']
+  # Each traced step is named, with its number, and only the window's steps were traced.
+  steps = {e['args']['step_num'] for e in events
+           if e.get('name') == 'train' and 'step_num' in e.get('args', {})}
+  assert steps == {'2', '3'}
 
 
 def _checkpoint_meta_files(workdir):
