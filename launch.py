@@ -24,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hybrid_flax import compilation_cache
 from hybrid_flax import distributed
 from hybrid_flax import fused_batch_norm
 from hybrid_flax import host_cpu
@@ -96,6 +97,7 @@ def main(argv):
     xla_cpu_flags.apply(config.xla_cpu_convolutions)  # before anything starts a JAX backend
   except ValueError as e:
     sys.exit(f'error: {e}')
+  cache_status = compilation_cache.enable_default()  # before anything compiles
   if distributed.wanted(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                        _PROCESS_ID.value):
     try:
@@ -109,6 +111,7 @@ def main(argv):
   logging.info('%s', host_cpu.describe())
   logging.info('%s', host_memory.status())
   logging.info('%s', xla_cpu_flags.status(config.xla_cpu_convolutions))
+  logging.info('%s', cache_status)
   logging.info('Config:\n%s', config)
   try:
     logging.info('%s', onednn_conv.status(config.model.conv_impl, config.model.dtype,

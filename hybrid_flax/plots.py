@@ -13,6 +13,7 @@ from hybrid_flax import figures
 from hybrid_flax import inference
 from hybrid_flax import metric_writer
 
+
 def _eval_split(workdir: str) -> str:
   """What the run's test_* metrics were measured on: its eval_split ('test' unless changed)."""
   try:

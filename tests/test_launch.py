@@ -119,6 +119,9 @@ def test_launch_trains_evaluates_and_checkpoints(reference_run):
   assert 'No checkpoint' in proc.stderr
   assert 'host CPU: ' in proc.stderr  # wall times in the log need the CPU beside them
   assert 'tensorflow imported: False' in proc.stderr
+  # conftest's shared cache, given as --jax_compilation_cache_dir's variable, stays the cache.
+  assert (f'JAX compilation cache: {os.environ["JAX_COMPILATION_CACHE_DIR"]} '
+          '(--jax_compilation_cache_dir)') in proc.stderr
   assert json.load(open(workdir / 'config.json'))['dataset'] == 'cifar10_folder'
 
 

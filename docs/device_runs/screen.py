@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -140,7 +141,10 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   base = FLAGS + ([] if args.quick else ['--config.model.dtype=bfloat16'])
   tail = QUICK if args.quick else []
-  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.3', PYTHONUNBUFFERED='1')
+  # A fresh compilation cache per call: launch.py's default one, kept on a warm machine, would
+  # make a repeated call's solo run warm.
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.3', PYTHONUNBUFFERED='1',
+             JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix='jax_cache_'))
   # The GPU machine lacks these packages and has no network: install the carried wheels.
   wheels = sorted(glob.glob(os.path.join(HERE, 'whl', '*.whl')))
   if importlib.util.find_spec('google.protobuf') is not None:  # keep the machine's own
