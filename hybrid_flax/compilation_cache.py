@@ -6,6 +6,9 @@ executable is the one a fresh compilation builds; JAX keys it on the program, th
 compile options and XLA_FLAGS.
 """
 
+import importlib.util
+import os
+
 import jax
 
 from hybrid_flax import onednn_conv
@@ -21,10 +24,18 @@ def enable_default() -> str:
   chosen = jax.config.jax_compilation_cache_dir
   if chosen is None:
     chosen = str(onednn_conv.cache_dir() / 'jax')
+    try:
+      os.makedirs(chosen, exist_ok=True)
+    except OSError as e:  # JAX would warn at every compilation instead
+      return f'JAX compilation cache: off ({chosen} cannot be made: {e.strerror})'
     jax.config.update('jax_compilation_cache_dir', chosen)
-    if jax.config.jax_compilation_cache_max_size == -1:
+    # JAX's size limit needs `filelock` (else it warns at every compilation and caches nothing).
+    if jax.config.jax_compilation_cache_max_size == -1 and importlib.util.find_spec('filelock'):
       jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
-    return (f'JAX compilation cache: {chosen} (the default, up to {MAX_BYTES >> 30} GiB; '
+      limit = f'up to {MAX_BYTES >> 30} GiB'
+    else:
+      limit = 'no size limit'
+    return (f'JAX compilation cache: {chosen} (the default, {limit}; '
             '--jax_compilation_cache_dir=DIR moves it, --jax_compilation_cache_dir= turns it off)')
   if not chosen:
     return 'JAX compilation cache: off (--jax_compilation_cache_dir is empty)'

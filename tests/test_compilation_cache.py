@@ -12,6 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a launch does before anything compiles, then a compilation (cached even if quick).
 _ENABLE_THEN_COMPILE = '''
 import json, os, sys
+if os.environ.get('HIDE_FILELOCK'):
+  sys.modules['filelock'] = None  # as if not installed
 import jax, jax.numpy as jnp
 from hybrid_flax import compilation_cache
 status = compilation_cache.enable_default()
@@ -24,7 +26,8 @@ print(json.dumps({'status': status, 'dir': jax.config.jax_compilation_cache_dir,
 
 def _run(tmp_path, cache_env):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
-  env.update(HYBRID_FLAX_CACHE=str(tmp_path / 'hf'), PYTHONPATH=REPO, **cache_env)
+  env.update(HYBRID_FLAX_CACHE=str(tmp_path / 'hf'), PYTHONPATH=REPO)
+  env.update(cache_env)
   proc = subprocess.run([sys.executable, '-c', _ENABLE_THEN_COMPILE], capture_output=True,
                         text=True, timeout=120, env=env, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,3 +57,18 @@ def test_a_chosen_folder_or_none_is_kept(tmp_path, chosen):
   assert not _entries(tmp_path / 'hf' / 'jax')
   if chosen:
     assert any(name.startswith('jit_') for name in _entries(folder))
+
+
+def test_without_filelock_the_default_cache_has_no_size_limit(tmp_path):
+  # JAX's size limit needs filelock; set without it, JAX would warn at each compilation instead.
+  got = _run(tmp_path, {'HIDE_FILELOCK': '1'})
+  assert got['max_size'] == -1 and '(the default, no size limit;' in got['status']
+  assert any(name.startswith('jit_') for name in _entries(tmp_path / 'hf' / 'jax'))
+
+
+def test_a_default_folder_that_cannot_be_made_leaves_the_cache_off(tmp_path):
+  (tmp_path / 'file').write_text('')
+  got = _run(tmp_path, {'HYBRID_FLAX_CACHE': str(tmp_path / 'file')})
+  assert got['dir'] is None
+  assert got['status'] == (f'JAX compilation cache: off ({tmp_path / "file" / "jax"} cannot be '
+                           'made: Not a directory)')
