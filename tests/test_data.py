@@ -324,7 +324,7 @@ def test_batch_shapes_are_those_of_the_batches_the_pipelines_yield():
     reader = _reader(13)
     out = {k: (v.shape, v.dtype)
            for k, v in input_pipeline.batch_shapes(reader, batch_size, kind).items()}
-    assert reader.num_read == 0  # a reader that does not know where its examples lie
+    assert reader.num_read == 0
     return out
 
   rows = np.arange(4)
