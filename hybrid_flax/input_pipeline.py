@@ -141,17 +141,16 @@ def open_split(dataset: str, split: str, data_dir: str | None = None) -> SplitRe
   sizes = {name: info.num_examples for name, info in builder.info.splits.items()}
   try:
     # TFDS's split syntax: 'train', 'train[:45000]', 'train[90%:]', 'train[:10%]+test', ...
-    examples = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
-    size = builder.info.splits[split].num_examples
+    examples = [(e.splitname, range(sizes[e.splitname])[e.from_:e.to]) for e in
+                tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)]
   except (KeyError, ValueError, AssertionError) as e:
     raise DatasetUnavailableError(
         f'{dataset!r} has no split {split!r} ({_one_line(e)}); it has {sizes}, and slices of '
         "them such as 'train[:45000]' or 'train[90%:]'") from None
-  if size <= 0:
+  if not any(rows for _, rows in examples):
     raise DatasetUnavailableError(f'split {split!r} of {dataset!r} is empty; it has {sizes}')
   reader = SplitReader(builder.as_data_source(split=split), builder.info.features['image'].shape,
-                       examples=[(e.splitname, range(sizes[e.splitname])[e.from_:e.to])
-                                 for e in examples])
+                       examples=examples)
   logging.info('Opened %s[%s]: %d examples in %s', dataset, split, len(reader), builder.data_dir)
   return reader
 
