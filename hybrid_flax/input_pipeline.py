@@ -2,9 +2,10 @@
 
 Examples are read through `tfds.data_source` (array_record, decoded with Pillow: no TensorFlow
 needed at train time) by index, into host memory, each at most once per process; CIFAR-10 is
-150 MB as uint8. The order of training examples is a pure function of (seed, step), so a run
-resumed from a checkpoint at step s sees exactly the batches an uninterrupted run would have seen
-from step s on, and a global batch is the same whatever the number of processes: each process
+150 MB as uint8. A split read whole is kept decoded on disk for later launches
+(hybrid_flax/split_cache.py). The order of training examples is a pure function of (seed,
+step), so a run resumed from a checkpoint at step s sees exactly the batches an uninterrupted
+run would have seen from step s on, and a global batch is the same whatever the number of processes: each process
 reads only its rows of it (the rows its devices hold). Batches travel as uint8 (4x less
 host->device traffic) and are normalised on the device inside the jitted step.
 """
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 from absl import logging
+
+from hybrid_flax import split_cache
 
 # CIFAR-10's label order (TFDS's `cifar10` and our `cifar10_folder` both use it).
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
@@ -90,20 +93,31 @@ class SplitReader:
   A process reads only the examples its rows of the global batches need, when it first needs
   them: in the first epoch its reads are disjoint from every other process's, and over a run it
   never reads more than the split (what loading the whole split up front would read). The host
-  buffers are allocated untouched, so memory grows only with what was read.
+  buffers are allocated untouched, so memory grows only with what was read; a split from the
+  split cache is memory-mapped instead, its pages read from disk when first indexed.
   """
 
-  def __init__(self, source, image_shape, examples=None):
+  def __init__(self, source, image_shape, examples=None, cache=None):
     # `source`: a TFDS data source, or anything with len() and __getitems__(indices).
     # `examples`: where they lie in the data set, [(split name, range of indices)], if known.
+    # `cache`: a split_cache.Entry: read from it where it holds the split, else saved to once
+    # every example has been read.
     self._source = source
     self.examples = examples
     n = len(source)
     self.image_shape = tuple(image_shape)
+    self.num_read = 0
+    self._cache = cache
+    cached = cache.load() if cache is not None else None
+    self.from_cache = cached is not None
+    if cached is not None:
+      self._images, self._labels = cached
+      self._have = np.ones((n,), bool)
+      self._cache = None
+      return
     self._images = np.empty((n,) + self.image_shape, np.uint8)
     self._labels = np.empty((n,), np.int32)
     self._have = np.zeros((n,), bool)
-    self.num_read = 0
 
   def __len__(self) -> int:
     return len(self._have)
@@ -118,11 +132,16 @@ class SplitReader:
       self._labels[missing] = [r['label'] for r in records]
       self._have[missing] = True
       self.num_read += missing.size
+      if self._cache is not None and self.num_read == len(self):
+        self._cache.save(self._images, self._labels)
+        self._cache = None
     return {'image': self._images[idx], 'label': self._labels[idx]}
 
 
-def open_split(dataset: str, split: str, data_dir: str | None = None) -> SplitReader:
-  """A SplitReader over a prepared TFDS split; nothing is read yet."""
+def open_split(dataset: str, split: str, data_dir: str | None = None,
+               cache: bool = True) -> SplitReader:
+  """A SplitReader over a prepared TFDS split; nothing is read yet, except from the split cache
+  (hybrid_flax/split_cache.py) where it holds the split and `cache` is on."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_dir or None
   where = data_dir or 'the default TFDS data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)'
@@ -149,9 +168,17 @@ def open_split(dataset: str, split: str, data_dir: str | None = None) -> SplitRe
         "them such as 'train[:45000]' or 'train[90%:]'") from None
   if not any(rows for _, rows in examples):
     raise DatasetUnavailableError(f'split {split!r} of {dataset!r} is empty; it has {sizes}')
-  reader = SplitReader(builder.as_data_source(split=split), builder.info.features['image'].shape,
-                       examples=examples)
-  logging.info('Opened %s[%s]: %d examples in %s', dataset, split, len(reader), builder.data_dir)
+  shape = builder.info.features['image'].shape
+  entry = split_cache.entry(builder.data_dir, dataset, examples, shape) if cache else None
+  reader = SplitReader(builder.as_data_source(split=split), shape, examples=examples, cache=entry)
+  if reader.from_cache:
+    how = f'decoded, from the split cache {entry.path}'
+  elif entry is not None:
+    how = f'to be decoded, then saved to the split cache {entry.path}'
+  else:
+    how = 'to be decoded (no split cache)'
+  logging.info('Opened %s[%s]: %d examples in %s, %s', dataset, split, len(reader),
+               builder.data_dir, how)
   return reader
 
 

@@ -835,9 +835,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         eval_fn, state, test_reader, config.eval_batch_size, data_sharding,
         progress=config.progress_bar and is_main)})
   writer.close()
-  logging.info('Process %d read %d of %d training and %d of %d test examples.',
-               jax.process_index(), train_reader.num_read, len(train_reader),
-               test_reader.num_read, len(test_reader))
+  logging.info('Process %d decoded %d of %d training and %d of %d test examples (the rest, if '
+               'any, it did not need or read from the split cache).', jax.process_index(),
+               train_reader.num_read, len(train_reader), test_reader.num_read, len(test_reader))
   return state
 
 

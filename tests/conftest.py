@@ -27,6 +27,15 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = JIT_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] = 'none'
 
+# Decoded splits (hybrid_flax/split_cache.py) go to this session's temporary folder too, never
+# into the user's cache, and under pytest-xdist the workers share it as they share the above.
+SPLIT_CACHE = os.environ.get('HYBRID_FLAX_TESTS_SPLIT_CACHE')
+if SPLIT_CACHE is None:
+  SPLIT_CACHE = tempfile.mkdtemp(prefix='hybrid-flax-tests-split-cache-')
+  os.environ['HYBRID_FLAX_TESTS_SPLIT_CACHE'] = SPLIT_CACHE
+  atexit.register(shutil.rmtree, SPLIT_CACHE, ignore_errors=True)
+os.environ['HYBRID_FLAX_SPLIT_CACHE'] = SPLIT_CACHE
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_platforms', 'cpu')

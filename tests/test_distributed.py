@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from hybrid_flax import split_cache
 from tests import conftest
 from tests import test_launch
 
@@ -53,8 +54,8 @@ def _free_port() -> int:
 
 def _env(devices):
   # The compilation cache (conftest) comes with os.environ: the runs of one topology compile
-  # the same programs.
-  return {**os.environ, 'JAX_PLATFORMS': 'cpu',
+  # the same programs. No split cache: the tests count each process's reads.
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', split_cache.ENV: '',
           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
 
 
@@ -212,7 +213,7 @@ def test_each_process_logs_its_place_and_reads_only_its_rows(runs):
     assert "Mesh {'data': 4} over 4 devices in 2 processes" in log
     assert (f'process {i} feeds rows {per * i}..{per * (i + 1) - 1} of each global batch of '
             f'{BATCH}') in log
-    read = log.split(f'Process {i} read ')[1].split()
+    read = log.split(f'Process {i} decoded ')[1].split()
     train_read, test_read = int(read[0]), int(read[5])
     # Epoch 1: exactly its rows' examples; epoch 2 adds the new ones among its rows then.
     assert STEPS_PER_EPOCH * per <= train_read < EPOCHS * STEPS_PER_EPOCH * per

@@ -341,3 +341,19 @@ def test_data_on_device_trains_exactly_like_the_host_pipeline(reference_run, tin
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))
   ref_test = [m['test_accuracy'] for m in _metrics(reference_run[0]) if m['kind'] == 'epoch']
   assert [m['test_accuracy'] for m in _metrics(tmp_path) if m['kind'] == 'epoch'] == ref_test
+
+
+def test_a_second_launch_reads_the_splits_decoded_from_the_split_cache(tmp_path, tiny_data_dir):
+  env = {'HYBRID_FLAX_SPLIT_CACHE': str(tmp_path / 'splits')}
+  first = _launch(tmp_path / 'first', tiny_data_dir, '--config.num_epochs=1', env=env)
+  assert first.returncode == 0, first.stderr[-4000:]
+  assert first.stderr.count('Saved the decoded split to ') == 2  # train and test, read whole
+  assert 'Process 0 decoded 80 of 80 training and 20 of 20 test examples' in first.stderr
+  second = _launch(tmp_path / 'second', tiny_data_dir, '--config.num_epochs=1', env=env)
+  assert second.returncode == 0, second.stderr[-4000:]
+  assert second.stderr.count('decoded, from the split cache ') == 2
+  assert 'Process 0 decoded 0 of 80 training and 0 of 20 test examples' in second.stderr
+  timings = ('steps_per_sec', 'images_per_sec', 'epoch_seconds', 'eval_seconds')
+  untimed = lambda workdir: [{k: v for k, v in m.items() if k not in timings}
+                             for m in _metrics(workdir)]
+  assert untimed(tmp_path / 'first') == untimed(tmp_path / 'second')
