@@ -5,9 +5,9 @@ needed at train time) by index, into host memory, each at most once per process;
 150 MB as uint8. A split read whole is kept decoded on disk for later launches
 (hybrid_flax/split_cache.py). The order of training examples is a pure function of (seed,
 step), so a run resumed from a checkpoint at step s sees exactly the batches an uninterrupted
-run would have seen from step s on, and a global batch is the same whatever the number of processes: each process
-reads only its rows of it (the rows its devices hold). Batches travel as uint8 (4x less
-host->device traffic) and are normalised on the device inside the jitted step.
+run would have seen from step s on, and a global batch is the same whatever the number of
+processes: each process reads only its rows of it (the rows its devices hold). Batches travel as
+uint8 (4x less host->device traffic) and are normalised on the device inside the jitted step.
 """
 
 import collections

@@ -7,6 +7,7 @@
 import json
 import math
 import os
+import sys
 
 import jax
 from absl import logging
@@ -21,7 +22,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self._tb = None
     if self.enabled:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
+      tensorboardX = _import_tensorboardx()
       # A resumed run replays the steps after its checkpoint; purge_step hides the killed run's
       # events from there on, so each curve in TensorBoard is drawn once.
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR),
@@ -44,6 +45,26 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _import_tensorboardx():
+  """tensorboardX, imported without PyTorch where nothing has imported PyTorch yet.
+
+  Its writer module imports torch where it is installed (the `bench` extra, most GPU hosts) only
+  to accept torch tensors, which this writer never passes: 2.0-3.1 s of every launch on the
+  2-core CPU, against 0.13-0.16 s with torch hidden (docs/benchmark.md). Hidden as Python
+  documents, a None in sys.modules, for the import's duration only.
+  """
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None  # `import torch` raises ImportError, which tensorboardX expects
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  finally:
+    if sys.modules.get('torch', ...) is None:
+      del sys.modules['torch']
+  return tensorboardX
 
 
 def read_metrics(workdir: str, filename: str = 'metrics.jsonl') -> list[dict]:

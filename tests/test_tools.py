@@ -240,6 +240,45 @@ def test_metrics_count_a_resumed_runs_replayed_records_once(tmp_path):
   assert records[1]['train_loss'] == 1.8 and np.isnan(records[2]['test_loss'])
 
 
+_WRITE_EVENTS = f'''
+import sys
+sys.path.insert(0, {REPO!r})
+from hybrid_flax import metric_writer
+BEFORE
+writer = metric_writer.MetricWriter(sys.argv[1])
+print('writer made', file=sys.stderr)
+writer.write({{'kind': 'train', 'step': 3, 'train_loss': 1.5}})
+writer.close()
+import torch
+print('torch is', torch.__name__, torch.Tensor.__name__, file=sys.stderr)
+'''
+
+
+@pytest.mark.parametrize('before', ['', 'import torch'])
+def test_the_metric_writer_imports_tensorboardx_without_torch(tmp_path, before):
+  # A stand-in torch, importable as the real one is where installed (the bench extra), which
+  # tensorboardX's writer imports when it can.
+  site = tmp_path / 'site'
+  (site / 'torch').mkdir(parents=True)
+  (site / 'torch' / '__init__.py').write_text(
+      "import sys\nprint('stand-in torch imported', file=sys.stderr)\nclass Tensor: pass\n")
+  env = {**os.environ, 'PYTHONPATH': str(site)}
+  plain = subprocess.run([sys.executable, '-c', 'import tensorboardX'], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+  assert 'stand-in torch imported' in plain.stderr  # what the writer avoids
+  workdir = tmp_path / 'run'
+  code = _WRITE_EVENTS.replace('BEFORE', before)
+  proc = subprocess.run([sys.executable, '-c', code, str(workdir)], env=env,
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count('stand-in torch imported') == 1  # once: at `import torch`
+  made, imported = proc.stderr.index('writer made'), proc.stderr.index('stand-in torch imported')
+  assert (imported > made) == (not before)  # torch imported first stays imported, as it was
+  assert 'torch is torch Tensor' in proc.stderr  # an `import torch` afterwards is not blocked
+  assert len(os.listdir(workdir / metric_writer.TENSORBOARD_DIR)) == 1  # the events were written
+  assert metric_writer.read_metrics(str(workdir))[0]['train_loss'] == 1.5
+
+
 def test_plots_and_evaluate_on_a_workdir_without_a_run(tmp_path):
   with pytest.raises(SystemExit) as excinfo:
     plots.main(['--workdir', str(tmp_path)])
