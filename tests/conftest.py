@@ -11,30 +11,30 @@ import atexit  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong
 import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
 
+
+def _session_folder(variable: str, prefix: str) -> str:
+  """A temporary folder of this test session, named by $`variable`. Under pytest-xdist the
+  workers inherit it from the process that made it, which alone removes it at exit."""
+  folder = os.environ.get(variable)
+  if folder is None:
+    folder = tempfile.mkdtemp(prefix=prefix)
+    os.environ[variable] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  return folder
+
+
 # Most subprocess tests launch the tiny config again and again (killed, resumed, stopped):
 # compile each program once per session, in this process and every one it starts. The cache
 # lives in this session's temporary folder only, so it never outlives the code it was compiled
 # from. Without XLA's own (GPU autotuning) caches the keys do not depend on the folder's path,
-# so a copy of the cache hits too.
-# Under pytest-xdist the workers inherit the folder from the process that made it, which alone
-# removes it, so a program one worker compiled is a cache hit in the other.
-JIT_CACHE = os.environ.get('HYBRID_FLAX_TESTS_JIT_CACHE')
-if JIT_CACHE is None:
-  JIT_CACHE = tempfile.mkdtemp(prefix='hybrid-flax-tests-jit-cache-')
-  os.environ['HYBRID_FLAX_TESTS_JIT_CACHE'] = JIT_CACHE
-  atexit.register(shutil.rmtree, JIT_CACHE, ignore_errors=True)
+# so a copy of the cache hits too, and a program one xdist worker compiled is a hit in the other.
+JIT_CACHE = _session_folder('HYBRID_FLAX_TESTS_JIT_CACHE', 'hybrid-flax-tests-jit-cache-')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = JIT_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] = 'none'
-
-# Decoded splits (hybrid_flax/split_cache.py) go to this session's temporary folder too, never
-# into the user's cache, and under pytest-xdist the workers share it as they share the above.
-SPLIT_CACHE = os.environ.get('HYBRID_FLAX_TESTS_SPLIT_CACHE')
-if SPLIT_CACHE is None:
-  SPLIT_CACHE = tempfile.mkdtemp(prefix='hybrid-flax-tests-split-cache-')
-  os.environ['HYBRID_FLAX_TESTS_SPLIT_CACHE'] = SPLIT_CACHE
-  atexit.register(shutil.rmtree, SPLIT_CACHE, ignore_errors=True)
-os.environ['HYBRID_FLAX_SPLIT_CACHE'] = SPLIT_CACHE
+# Decoded splits (hybrid_flax/split_cache.py) too: never into the user's cache.
+os.environ['HYBRID_FLAX_SPLIT_CACHE'] = _session_folder('HYBRID_FLAX_TESTS_SPLIT_CACHE',
+                                                        'hybrid-flax-tests-split-cache-')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
