@@ -13,6 +13,7 @@ import pytest
 from configs import cifar_hybrid
 from configs import cifar_tiny
 from hybrid_flax import bench
+from hybrid_flax import input_pipeline
 from tests import conftest
 
 
@@ -84,6 +85,24 @@ def test_data_on_device_is_measured_as_the_gathering_step_and_index_batches(tiny
   assert steps['train']['flops_per_image'] == pytest.approx(host['train']['flops_per_image'],
                                                             rel=0.01)
   assert 'indices into the split on the device' in bench.report(config, steps, pipeline)
+
+
+def test_the_gpu_drivers_stand_in_data_set_serves_the_benchmark_and_the_readers(
+    tiny_data_dir, tmp_path, monkeypatch):
+  # The GPU machine has no TFDS: docs/device_runs/gpu_run.py replaces open_split, which must
+  # take every argument the callers give the real one.
+  gpu_run = _docs_script('device_runs', 'gpu_run')
+  images, labels = input_pipeline.load_split('cifar10_folder', 'train', tiny_data_dir)
+  blob = tmp_path / 'decoded.npz'
+  np.savez(blob, train_images=images, train_labels=labels, test_images=images[:20],
+           test_labels=labels[:20])
+  monkeypatch.setattr(gpu_run, 'CACHE', str(blob))
+  monkeypatch.setattr(input_pipeline, 'open_split', input_pipeline.open_split)  # restored after
+  gpu_run.patch()
+  config = cifar_tiny.get_config()
+  config.dataset, config.data_dir = 'cifar10_folder', tiny_data_dir
+  assert bench.measure_pipeline(config, steps=50)['steps'] == 80 // config.batch_size
+  np.testing.assert_array_equal(input_pipeline.load_split('x', 'test')[0], images[:20])
 
 
 def test_the_pytorch_comparison_refuses_a_config_its_twin_does_not_train():

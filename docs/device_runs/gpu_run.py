@@ -49,8 +49,8 @@ def patch():
   from hybrid_flax import input_pipeline
   data = np.load(CACHE)
 
-  def open_split(dataset, split, data_dir=None):
-    del dataset, data_dir
+  def open_split(dataset, split, data_dir=None, cache=True):
+    del dataset, data_dir, cache  # the blob is decoded already
     return input_pipeline.SplitReader(
         ArraySource(data[f'{split}_images'], data[f'{split}_labels']), (32, 32, 3))
   input_pipeline.open_split = open_split
