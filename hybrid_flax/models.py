@@ -46,6 +46,9 @@ def dirac_init(base=nn.initializers.lecun_normal()):
   return init
 
 
+_WHITENING_CHUNK = 256  # images
+
+
 def whitening_kernel(images: np.ndarray, features: int, size: int = 3,
                      eps: float = 5e-4) -> np.ndarray:
   """A conv kernel [size, size, C, features] that whitens the images' size x size patches.
@@ -55,18 +58,26 @@ def whitening_kernel(images: np.ndarray, features: int, size: int = 3,
   1/sqrt(eigenvalue), and its negation, so after the ReLU both signs survive. `images` are
   preprocessed [N, H, W, C] float arrays (a few thousand training images are plenty).
   """
-  images = np.asarray(images, np.float64)
   c = images.shape[-1]
   dim = size * size * c
   if features % 2 or not 0 < features <= 2 * dim:
     raise ValueError(f'a whitened first layer needs an even width of at most {2 * dim} '
                      f'(two per eigenvector of a {size}x{size}x{c} patch), got {features}')
   h, w = images.shape[1:3]
-  # Every valid patch, flattened in the kernel's (row, column, channel) order.
-  patches = np.stack([images[:, i:i + h - size + 1, j:j + w - size + 1]
-                      for i in range(size) for j in range(size)], axis=3).reshape(-1, dim)
-  patches = patches - patches.mean(0)
-  eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
+  # The patch covariance, summed over chunks of images: all 5,000 images' patches at once took
+  # 2 GB (float64, and a centred copy) and 5-6 s on a 2-core CPU; this ~50 MB and 1.7-2.0 s, the
+  # same kernel to the bit on CIFAR-10 (docs/benchmark.md).
+  total, outer, count = np.zeros(dim), np.zeros((dim, dim)), 0
+  for start in range(0, len(images), _WHITENING_CHUNK):
+    chunk = np.asarray(images[start:start + _WHITENING_CHUNK], np.float64)
+    # Every valid patch, flattened in the kernel's (row, column, channel) order.
+    patches = np.stack([chunk[:, i:i + h - size + 1, j:j + w - size + 1]
+                        for i in range(size) for j in range(size)], axis=3).reshape(-1, dim)
+    total += patches.sum(0)
+    outer += patches.T @ patches
+    count += len(patches)
+  mean = total / count
+  eigenvalues, eigenvectors = np.linalg.eigh(outer / count - np.outer(mean, mean))
   top = np.argsort(eigenvalues)[::-1][:features // 2]
   filters = eigenvectors[:, top] / np.sqrt(eigenvalues[top] + eps)
   kernel = np.concatenate([filters, -filters], axis=1)

@@ -313,6 +313,11 @@ def test_whitening_kernel_whitens_the_patches_it_was_estimated_from():
   assert not np.allclose(raw, np.eye(3), atol=0.3)  # the pixels themselves were far from white
   with pytest.raises(ValueError, match='even width of at most 54'):
     models.whitening_kernel(images, 7)
+  # Summed over chunks of images (7 here: 5 chunks, the last of 4), the same covariance.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(models, '_WHITENING_CHUNK', 7)
+    np.testing.assert_allclose(models.whitening_kernel(images, 8, eps=0.0), kernel, rtol=1e-5,
+                               atol=1e-6)
   config = cifar_tiny.get_config().model
   config.whiten, config.widths = True, (9, 16, 16, 32)
   with pytest.raises(ValueError, match='model.whiten needs an even first width'):
