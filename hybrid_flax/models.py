@@ -58,6 +58,7 @@ def whitening_kernel(images: np.ndarray, features: int, size: int = 3,
   1/sqrt(eigenvalue), and its negation, so after the ReLU both signs survive. `images` are
   preprocessed [N, H, W, C] float arrays (a few thousand training images are plenty).
   """
+  images = np.asarray(images)  # as given (float32 from training): float64 chunk by chunk below
   c = images.shape[-1]
   dim = size * size * c
   if features % 2 or not 0 < features <= 2 * dim:
