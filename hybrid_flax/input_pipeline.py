@@ -107,17 +107,16 @@ class SplitReader:
     n = len(source)
     self.image_shape = tuple(image_shape)
     self.num_read = 0
-    self._cache = cache
     cached = cache.load() if cache is not None else None
     self.from_cache = cached is not None
-    if cached is not None:
+    self._cache = None if self.from_cache else cache  # the entry to save to, once read whole
+    if self.from_cache:
       self._images, self._labels = cached
       self._have = np.ones((n,), bool)
-      self._cache = None
-      return
-    self._images = np.empty((n,) + self.image_shape, np.uint8)
-    self._labels = np.empty((n,), np.int32)
-    self._have = np.zeros((n,), bool)
+    else:
+      self._images = np.empty((n,) + self.image_shape, np.uint8)
+      self._labels = np.empty((n,), np.int32)
+      self._have = np.zeros((n,), bool)
 
   def __len__(self) -> int:
     return len(self._have)
