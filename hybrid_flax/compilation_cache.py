@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from hybrid_flax import onednn_conv
+from hybrid_flax import cache_home
 
 # Least recently used entries go beyond this (the CPU-scale config's five programs: 1.3 MB).
 MAX_BYTES = 1 << 30
@@ -23,7 +23,7 @@ def enable_default() -> str:
   Must run before anything compiles."""
   chosen = jax.config.jax_compilation_cache_dir
   if chosen is None:
-    chosen = str(onednn_conv.cache_dir() / 'jax')
+    chosen = str(cache_home.folder() / 'jax')
     try:
       os.makedirs(chosen, exist_ok=True)
     except OSError as e:  # JAX would warn at every compilation instead

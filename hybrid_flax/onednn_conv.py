@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from hybrid_flax import cache_home
 from hybrid_flax import host_cpu
 
 IMPLS = ('auto', 'onednn', 'xla')  # config.model.conv_impl
@@ -87,11 +88,6 @@ def _find(distribution: str, suffix: str) -> pathlib.Path:
   raise Unavailable(f'{distribution} has no {suffix} ({_INSTALL})')
 
 
-def cache_dir() -> pathlib.Path:
-  default = pathlib.Path(os.environ.get('XDG_CACHE_HOME', pathlib.Path.home() / '.cache'))
-  return pathlib.Path(os.environ.get('HYBRID_FLAX_CACHE', default / 'hybrid_flax'))
-
-
 def toolchain() -> tuple[list[str], list[str]]:
   """The C++ compiler with the include flags for oneDNN's and XLA's FFI headers, and the flags
   that link oneDNN; raises Unavailable naming what is missing."""
@@ -114,7 +110,7 @@ def _build() -> pathlib.Path:
   # A new source or header, jaxlib (its FFI headers) or oneDNN gets a new build.
   key = hashlib.sha256(b''.join(source.read_bytes() for source in _SOURCES + _HEADERS) +
                        ' '.join(command).encode() + jax.lib.__version__.encode()).hexdigest()[:16]
-  target = cache_dir() / f'onednn_conv-{key}.so'
+  target = cache_home.folder() / f'onednn_conv-{key}.so'
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)

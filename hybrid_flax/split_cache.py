@@ -22,7 +22,7 @@ import time
 import numpy as np
 from absl import logging
 
-from hybrid_flax import onednn_conv
+from hybrid_flax import cache_home
 
 ENV = 'HYBRID_FLAX_SPLIT_CACHE'
 MAX_BYTES = 2 << 30  # CIFAR-10's train and test splits: 185 MB
@@ -33,7 +33,7 @@ def directory() -> str | None:
   """The cache's folder, or None where $HYBRID_FLAX_SPLIT_CACHE is set to ''."""
   chosen = os.environ.get(ENV)
   if chosen is None:
-    return str(onednn_conv.cache_dir() / 'splits')
+    return str(cache_home.folder() / 'splits')
   return chosen or None
 
 
