@@ -121,17 +121,19 @@ def tiny_data_dir(tmp_path_factory, tiny_zip):
   return data_dir
 
 
-# The files that take longest, longest first (seconds of their tests, summed, in a 2-core Zen 3
-# run of the whole suite: 397, 317, 168, 115, 82, 71, 71, 67). Under `-n auto --dist loadfile`
-# pytest-xdist hands out whole files in this order, so the long ones start at once and the short
-# ones fill in at the end, instead of a long file starting last while the other worker idles.
+# The files that take longest, longest first (seconds of their tests over 3 s, summed, in a
+# 2-core Zen 3 run of the whole suite: 338, 173, 164, 116, 78, 71, 63, 48). Under `-n auto
+# --dist loadfile` pytest-xdist hands out whole files in this order, so the long ones start at
+# once and the short ones fill in at the end, instead of a long file starting last while the
+# other worker idles.
 _LONGEST_FIRST = ('test_launch.py', 'test_distributed.py', 'test_recipe.py', 'test_models.py',
-                  'test_train.py', 'test_csrc_asan.py', 'test_bench.py', 'test_tools.py')
+                  'test_tools.py', 'test_train.py', 'test_bench.py', 'test_csrc_asan.py')
 
 
 def pytest_configure(config):
   # xdist would otherwise reorder the files by their number of tests, which for these files is
-  # no measure of their time (test_distributed.py: 7 tests, the second longest).
+  # no measure of their time (test_distributed.py: 7 tests, the second longest). This overrides
+  # a --loadscope-reorder given on the command line too.
   if hasattr(config.option, 'loadscopereorder'):
     config.option.loadscopereorder = False
 
