@@ -52,9 +52,11 @@ JIT_CACHE = _session_folder('HYBRID_FLAX_TESTS_JIT_CACHE', 'hybrid-flax-tests-ji
 os.environ['JAX_COMPILATION_CACHE_DIR'] = JIT_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 os.environ['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] = 'none'
-# Decoded splits (hybrid_flax/split_cache.py) too: never into the user's cache.
-os.environ['HYBRID_FLAX_SPLIT_CACHE'] = _session_folder('HYBRID_FLAX_TESTS_SPLIT_CACHE',
-                                                        'hybrid-flax-tests-split-cache-')
+# Decoded splits too: never into the user's cache.
+from hybrid_flax import split_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+os.environ[split_cache.ENV] = _session_folder('HYBRID_FLAX_TESTS_SPLIT_CACHE',
+                                              'hybrid-flax-tests-split-cache-')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 

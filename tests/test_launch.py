@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from hybrid_flax import split_cache
 from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,7 +345,7 @@ def test_data_on_device_trains_exactly_like_the_host_pipeline(reference_run, tin
 
 
 def test_a_second_launch_reads_the_splits_decoded_from_the_split_cache(tmp_path, tiny_data_dir):
-  env = {'HYBRID_FLAX_SPLIT_CACHE': str(tmp_path / 'splits')}
+  env = {split_cache.ENV: str(tmp_path / 'splits')}
   first = _launch(tmp_path / 'first', tiny_data_dir, '--config.num_epochs=1', env=env)
   assert first.returncode == 0, first.stderr[-4000:]
   assert first.stderr.count('Saved the decoded split to ') == 2  # train and test, read whole
