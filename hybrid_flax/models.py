@@ -46,6 +46,8 @@ def dirac_init(base=nn.initializers.lecun_normal()):
   return init
 
 
+# The parameter that `model.whiten` sets from the data and then freezes.
+WHITENED_KERNEL = ('conv1', 'Conv_0', 'kernel')
 _WHITENING_CHUNK = 256  # images
 
 

@@ -14,6 +14,7 @@ from configs import cifar_tiny
 from hybrid_flax import augment
 from hybrid_flax import input_pipeline
 from hybrid_flax import models
+from hybrid_flax import optimizer
 from hybrid_flax import train
 from tests import test_launch
 from tests import test_train
@@ -150,9 +151,9 @@ def test_train_step_alternates_flips_by_the_epoch_of_its_step():
 def _state_with_averaged_weights(config):
   """A tiny model's state that keeps `state.ema` (the EMA or Lookahead's slow weights)."""
   model = models.create_model(config.model)
-  lr_fn = train.create_learning_rate_fn(config, 10)
+  lr_fn = optimizer.create_learning_rate_fn(config, 10)
   state = jax.device_put(train.create_train_state(
-      jax.random.PRNGKey(0), model, train.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
+      jax.random.PRNGKey(0), model, optimizer.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
   return state, lr_fn
 
 
@@ -251,7 +252,7 @@ def test_weight_decay_can_spare_norm_and_bias_parameters():
   zeros = jax.tree.map(jnp.zeros_like, params)
   for decay_all in (True, False):
     config.weight_decay_norm_and_bias = decay_all
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+    tx = optimizer.create_optimizer(config, optimizer.create_learning_rate_fn(config, 10))
     updates, _ = tx.update(zeros, tx.init(params), params)
     assert float(jnp.abs(updates['kernel']).sum()) > 0
     assert (float(jnp.abs(updates['bias']).sum()) > 0) == decay_all
@@ -262,7 +263,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
   config = cifar_tiny.get_config()
   config.num_epochs, config.learning_rate = 4, 0.4
   config.schedule, config.warmup_epochs = 'linear', 1
-  fn = train.create_learning_rate_fn(config, 10)
+  fn = optimizer.create_learning_rate_fn(config, 10)
   assert [float(fn(s)) for s in (0, 5, 10, 25, 40)] == pytest.approx([0, 0.2, 0.4, 0.2, 0],
                                                                         abs=1e-7)
 
@@ -355,7 +356,7 @@ def test_whitened_layer_is_frozen_and_batch_norm_offsets_move_faster():
     for name, value in switches.items():
       target = config.model if name in ('whiten', 'dirac') else config
       target[name] = value
-    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+    tx = optimizer.create_optimizer(config, optimizer.create_learning_rate_fn(config, 10))
     config.model.whiten, config.bn_bias_lr_scale = False, 1.0
     out, _ = tx.update(grads, tx.init(params), params)
     return out
@@ -365,13 +366,13 @@ def test_whitened_layer_is_frozen_and_batch_norm_offsets_move_faster():
   for path, u in jax.tree_util.tree_flatten_with_path(switched)[0]:
     names = tuple(k.key for k in path)
     expected = flat_plain[path]
-    if names == train.WHITENED_KERNEL:
+    if names == models.WHITENED_KERNEL:
       expected = 0 * expected  # neither moved nor decayed
     elif names[-1] == 'bias' and names[-2].startswith('BatchNorm'):
       expected = 64 * expected
     np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=str(names))
   assert float(jnp.abs(flat_plain[next(p for p in flat_plain if tuple(
-      k.key for k in p) == train.WHITENED_KERNEL)]).sum()) > 0  # trained when not whitened
+      k.key for k in p) == models.WHITENED_KERNEL)]).sum()) > 0  # trained when not whitened
 
 
 def _muon_updates(**fields):
@@ -387,8 +388,8 @@ def _muon_updates(**fields):
   # Each output channel's gradient on its own scale, so the raw steps are far from orthogonal.
   grads = treedef.unflatten([jax.random.normal(k, p.shape) * jnp.geomspace(0.1, 10, p.shape[-1])
                              for k, p in zip(keys, leaves)])
-  lr_fn = train.create_learning_rate_fn(config, 10)
-  tx = train.create_optimizer(config, lr_fn)
+  lr_fn = optimizer.create_learning_rate_fn(config, 10)
+  tx = optimizer.create_optimizer(config, lr_fn)
   updates, _ = tx.update(grads, tx.init(params), params)
   flat = lambda tree: {tuple(k.key for k in path): x
                        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -400,7 +401,7 @@ def test_muon_orthogonalises_conv_kernel_steps_and_leaves_the_rest_to_sgd():
   _, _, muon, lr = _muon_updates(optimizer='muon', muon_ns_steps=5, muon_normalize=False,
                                  muon_learning_rate=0.1)
   ratio = 0.1 / cifar_tiny.get_config().learning_rate
-  convs = [n for n, p in params.items() if p.ndim == 4 and n != train.WHITENED_KERNEL]
+  convs = [n for n, p in params.items() if p.ndim == 4 and n != models.WHITENED_KERNEL]
   assert len(convs) == 7
   for name in convs:
     out = params[name].shape[-1]
@@ -415,13 +416,13 @@ def test_muon_orthogonalises_conv_kernel_steps_and_leaves_the_rest_to_sgd():
   for name in params:
     if name not in convs:
       np.testing.assert_allclose(muon[name], sgd[name], rtol=1e-6, err_msg=str(name))
-  assert not np.any(muon[train.WHITENED_KERNEL])
+  assert not np.any(muon[models.WHITENED_KERNEL])
 
 
 def test_muon_keeps_conv_kernels_at_norm_sqrt_out():
   params, _, updates, _ = _muon_updates(optimizer='muon')
   for name, p in params.items():
-    if p.ndim == 4 and name != train.WHITENED_KERNEL:
+    if p.ndim == 4 and name != models.WHITENED_KERNEL:
       assert float(jnp.linalg.norm(p + updates[name])) == pytest.approx(
           np.sqrt(p.shape[-1]), rel=1e-5), name
 
@@ -431,11 +432,11 @@ def test_muon_shared_out_over_devices_gives_the_same_updates_and_state():
   config.optimizer, config.model.whiten = 'muon', True
   params = models.create_model(config.model).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
-  lr_fn = train.create_learning_rate_fn(config, 10)
+  lr_fn = optimizer.create_learning_rate_fn(config, 10)
   mesh = train.data_mesh()
   assert mesh.size == 4  # conftest's fake devices: the kernels are shared out
   results = []
-  for tx in (train.create_optimizer(config, lr_fn), train.create_optimizer(config, lr_fn, mesh)):
+  for tx in (optimizer.create_optimizer(config, lr_fn), optimizer.create_optimizer(config, lr_fn, mesh)):
     state, updates = tx.init(params), []
     for seed in (1, 2):  # a second step, so the momentum carried in the state counts too
       # A key per leaf: kernels of one shape get different gradients, so a mix-up between
@@ -454,10 +455,10 @@ def test_muon_shared_out_over_devices_gives_the_same_updates_and_state():
 
 def test_newton_schulz_work_is_shared_out_costliest_first():
   costs = [1, 9, 4, 4, 3, 2]
-  owners = train._share_out(costs, 3)  # pylint: disable=protected-access
+  owners = optimizer._share_out(costs, 3)  # pylint: disable=protected-access
   loads = [sum(c for c, o in zip(costs, owners) if o == d) for d in range(3)]
   assert sorted(loads) == [7, 7, 9]  # the 9 alone; 4+3 and 4+2+1 beside it
-  assert train._share_out(costs, 1) == [0] * len(costs)  # pylint: disable=protected-access
+  assert optimizer._share_out(costs, 1) == [0] * len(costs)  # pylint: disable=protected-access
 
 
 def test_translate_tta_averages_shifted_views_with_the_centred_one():

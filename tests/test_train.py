@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from configs import cifar_tiny
 from hybrid_flax import checkpointing
 from hybrid_flax import models
+from hybrid_flax import optimizer
 from hybrid_flax import train
 from tests import conftest
 
@@ -25,8 +26,8 @@ from tests import conftest
 def _setup(config=None, steps_per_epoch=10):
   config = config or cifar_tiny.get_config()
   model = models.create_model(config.model)
-  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch)
-  tx = train.create_optimizer(config, lr_fn)
+  lr_fn = optimizer.create_learning_rate_fn(config, steps_per_epoch)
+  tx = optimizer.create_optimizer(config, lr_fn)
   state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3))
   return jax.device_put(state), lr_fn  # every leaf an array, as the training loop has it
 
@@ -52,10 +53,10 @@ def _sharded_step_fn(lr_fn, devices):
   return fn, data, rep
 
 
-@pytest.mark.parametrize('optimizer', ['sgd', 'muon'])
-def test_train_step_lowers_the_loss_on_a_fixed_batch(optimizer):
+@pytest.mark.parametrize('name', optimizer.OPTIMIZERS)
+def test_train_step_lowers_the_loss_on_a_fixed_batch(name):
   config = cifar_tiny.get_config()
-  config.optimizer = optimizer
+  config.optimizer = name
   state, lr_fn = _setup(config)
   batch = _batch()
   step = jax.jit(functools.partial(train.train_step, learning_rate_fn=lr_fn))
@@ -152,7 +153,7 @@ def test_on_device_gather_step_on_4_devices_matches_the_fed_batch():
 def test_sgd_weight_decay_is_pytorch_style_and_coupled():
   config = cifar_tiny.get_config()
   config.learning_rate, config.weight_decay, config.momentum = 0.1, 0.01, 0.9
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+  tx = optimizer.create_optimizer(config, optimizer.create_learning_rate_fn(config, 10))
   params = {'w': jnp.array([1.0, -2.0])}
   grads = {'w': jnp.array([0.5, 0.5])}
   opt_state = tx.init(params)
@@ -168,7 +169,7 @@ def test_sgd_weight_decay_is_pytorch_style_and_coupled():
 def test_gradient_clipping_bounds_the_step():
   config = cifar_tiny.get_config()
   config.learning_rate, config.weight_decay, config.momentum, config.grad_clip_norm = 1.0, 0, 0, 1.0
-  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10))
+  tx = optimizer.create_optimizer(config, optimizer.create_learning_rate_fn(config, 10))
   params = {'w': jnp.zeros(2)}
   updates, _ = tx.update({'w': jnp.array([30.0, 40.0])}, tx.init(params), params)
   np.testing.assert_allclose(updates['w'], [-0.6, -0.8], rtol=1e-6)
@@ -177,9 +178,9 @@ def test_gradient_clipping_bounds_the_step():
 def test_learning_rate_schedules():
   config = cifar_tiny.get_config()
   config.num_epochs, config.learning_rate = 4, 0.2
-  assert float(train.create_learning_rate_fn(config, 10)(37)) == pytest.approx(0.2)
+  assert float(optimizer.create_learning_rate_fn(config, 10)(37)) == pytest.approx(0.2)
   config.schedule, config.warmup_epochs = 'cosine', 1
-  fn = train.create_learning_rate_fn(config, 10)
+  fn = optimizer.create_learning_rate_fn(config, 10)
   assert float(fn(0)) == 0.0 and float(fn(5)) == pytest.approx(0.1)
   assert float(fn(10)) == pytest.approx(0.2) and float(fn(40)) == pytest.approx(0.0, abs=1e-7)
 
@@ -382,10 +383,10 @@ def test_checkpoints_from_before_the_ema_field_still_restore(tmp_path):
 def test_ema_state_round_trips_and_a_state_without_it_is_refused(tmp_path):
   config = cifar_tiny.get_config()
   config.ema_decay = 0.5
-  lr_fn = train.create_learning_rate_fn(config, 10)
+  lr_fn = optimizer.create_learning_rate_fn(config, 10)
   with_ema = jax.device_put(train.create_train_state(
       jax.random.PRNGKey(0), models.create_model(config.model),
-      train.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
+      optimizer.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
   with_ema, _ = jax.jit(train.make_train_step(config, lr_fn, 10))(with_ema, _batch())
   manager = checkpointing.make_manager(str(tmp_path / 'ema'), keep=2)
   checkpointing.save(manager, with_ema, {'step': 1})
