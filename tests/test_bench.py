@@ -228,7 +228,9 @@ def test_gpu_screen_builds_each_wave_on_the_best_finished_run():
   results = {'muon08': run(screen.WAVE1['muon08'], 0.91),
              # cut short: not a candidate
              'cpu_recipe': run(screen.WAVE1['cpu_recipe'], 0.95, rc=-9),
-             'altflip_shift2': run(screen.AIRBENCH, 0.90)}
+             'altflip_shift2': run(screen.AIRBENCH, 0.90),
+             # the config again without GPU autotuning: a timing, not a recipe to build on
+             'config_alone_autotune0': {**run([], 0.99), 'xla_flags': '--xla_gpu_autotune_level=0'}}
   assert screen.best(results) == 'muon08'
   second = screen.second_wave(results)
   assert list(second) == ['muon08' + suffix for suffix in screen.WAVE2]
