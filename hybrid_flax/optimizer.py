@@ -19,6 +19,7 @@ OPTIMIZERS = ('sgd', 'muon')
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int) -> optax.Schedule:
+  """`config.schedule` after a linear warmup of `config.warmup_epochs`, as a function of step."""
   total = config.num_epochs * steps_per_epoch
   warmup = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == 'constant':
@@ -45,6 +46,8 @@ def _param_mask(predicate):
 
 def create_optimizer(config, learning_rate_fn, mesh: Mesh | None = None
                      ) -> optax.GradientTransformation:
+  """The paper's SGD (coupled weight decay, momentum) with the strong recipe's switches, or
+  Muon on the conv kernels beside it (`config.optimizer`); `mesh` shares out Muon's work."""
   # Read now: the masks are called at init and update time, when the config may have changed.
   whiten, decay_all = bool(config.model.whiten), bool(config.weight_decay_norm_and_bias)
   frozen = lambda names: whiten and names == models.WHITENED_KERNEL
@@ -52,11 +55,11 @@ def create_optimizer(config, learning_rate_fn, mesh: Mesh | None = None
   # then drops its computation), so it is neither clipped for, decayed nor moved.
   freeze = ([optax.masked(optax.set_to_zero(), _param_mask(lambda n, p: frozen(n)))]
             if whiten else [])
-  # PyTorch's SGD(weight_decay=...) adds wd * param to the gradient before momentum, on every
-  # parameter: the paper's setup, so the same here.
   clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
-  # Off: batch-norm scales/offsets and biases (every 1-D parameter) are not decayed, as the
-  # fast trainers do; decaying them only fights the normalisation.
+  # PyTorch's SGD(weight_decay=...) adds wd * param to the gradient before momentum, on every
+  # parameter: the paper's setup, so the same here. With weight_decay_norm_and_bias off,
+  # batch-norm scales/offsets and biases (every 1-D parameter) are not decayed, as the fast
+  # trainers do; decaying them only fights the normalisation.
   decay = _param_mask(lambda n, p: not frozen(n) and (decay_all or p.ndim > 1))
   # airbench's bias scaler: batch-norm offsets move `bn_bias_lr_scale` times faster (SGD is
   # linear in the gradient, so scaling it before momentum scales their learning rate).
