@@ -152,8 +152,9 @@ def _state_with_averaged_weights(config):
   """A tiny model's state that keeps `state.ema` (the EMA or Lookahead's slow weights)."""
   model = models.create_model(config.model)
   lr_fn = optimizer.create_learning_rate_fn(config, 10)
-  state = jax.device_put(train.create_train_state(
-      jax.random.PRNGKey(0), model, optimizer.create_optimizer(config, lr_fn), (32, 32, 3), ema=True))
+  tx = optimizer.create_optimizer(config, lr_fn)
+  state = jax.device_put(train.create_train_state(jax.random.PRNGKey(0), model, tx, (32, 32, 3),
+                                                  ema=True))
   return state, lr_fn
 
 
@@ -436,7 +437,8 @@ def test_muon_shared_out_over_devices_gives_the_same_updates_and_state():
   mesh = train.data_mesh()
   assert mesh.size == 4  # conftest's fake devices: the kernels are shared out
   results = []
-  for tx in (optimizer.create_optimizer(config, lr_fn), optimizer.create_optimizer(config, lr_fn, mesh)):
+  for tx in (optimizer.create_optimizer(config, lr_fn),
+             optimizer.create_optimizer(config, lr_fn, mesh)):
     state, updates = tx.init(params), []
     for seed in (1, 2):  # a second step, so the momentum carried in the state counts too
       # A key per leaf: kernels of one shape get different gradients, so a mix-up between
