@@ -24,6 +24,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hybrid_flax import checkpointing
 from hybrid_flax import compilation_cache
 from hybrid_flax import distributed
 from hybrid_flax import fused_batch_norm
@@ -121,7 +122,7 @@ def main(argv):
     logging.info('%s', fused_batch_norm.status(config.model.bn_kernel, config.model.dtype))
     train.train_and_evaluate(config, _WORKDIR.value)
   except (input_pipeline.DatasetUnavailableError, ValueError, train.NonFiniteLossError,
-          train.WorkdirBusyError) as e:
+          train.WorkdirBusyError, train.DiskFullError, checkpointing.CheckpointWriteError) as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
 

@@ -59,6 +59,13 @@ def open_read_only(directory: str) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(read_only=True))
 
 
+def _ends(error: Exception, width: int = 150) -> str:
+  # TensorStore's write errors name the file first and the cause ("No space left on device")
+  # last: keep both ends.
+  text = ' '.join(str(error).split())
+  return text if len(text) <= 2 * width + 5 else f'{text[:width]} ... {text[-width:]}'
+
+
 class UnreadableCheckpointsError(ValueError):
   """Checkpoints exist but none restores: starting over would silently discard the run."""
 
@@ -75,13 +82,52 @@ def _as_tree(state):
           if f.metadata.get('pytree_node', True) and getattr(state, f.name) is not None}
 
 
+class CheckpointWriteError(RuntimeError):
+  """Writing a checkpoint failed (a full disk, say); the ones already on disk are intact."""
+
+
+def resume_hint(directory: str) -> str:
+  """What a failed write leaves to resume from: the complete checkpoints in `directory`."""
+  # From the disk, not a manager's list, which already counts a step it failed to write. Orbax
+  # removes a failed write's temporary folder when that step is saved again.
+  intact = sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+  if not intact:
+    return 'no checkpoint was written before it: rerun the same command to start again'
+  return (f'the checkpoints on disk (steps {intact}) are intact: rerun the same command to '
+          f'resume from step {intact[-1]}')
+
+
+def _write_failed(manager: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
+  return CheckpointWriteError(
+      f'could not write a checkpoint in {manager.directory} ({type(error).__name__}: '
+      f'{_ends(error)}); {resume_hint(manager.directory)}, once the cause (disk space, '
+      'permissions) is fixed')
+
+
 def save(manager: ocp.CheckpointManager, state, meta: dict) -> bool:
+  """Starts writing `state` at its step (the disk write continues in the background).
+
+  Raises CheckpointWriteError where this or the previous, background, write failed.
+  """
   step = int(jax.device_get(state.step))
   if step in manager.all_steps():
     return False
-  return manager.save(
-      step, args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)),
-                                    meta=ocp.args.JsonSave(meta)))
+  try:
+    return manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)),
+                                      meta=ocp.args.JsonSave(meta)))
+  except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many types
+    raise _write_failed(manager, e) from e
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the background writes to end and closes `manager`; CheckpointWriteError where
+  one failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # as in save
+    raise _write_failed(manager, e) from e
+  manager.close()
 
 
 def _short(error: Exception) -> str:

@@ -1,6 +1,7 @@
 """Training and evaluation: the train state, the pure step functions, and the loop around them."""
 
 import contextlib
+import errno
 import fcntl
 import functools
 import os
@@ -43,6 +44,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class WorkdirBusyError(RuntimeError):
   """Another live run holds the workdir."""
+
+
+class DiskFullError(RuntimeError):
+  """A write to the workdir (metrics, events, config) found its disk full."""
 
 
 @contextlib.contextmanager
@@ -115,8 +120,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        f'muon_momentum must be in [0, 1), got {config.muon_momentum}'),
       (config.optimizer != 'muon' or config.muon_ns_steps > 0,
        f'muon_ns_steps must be positive, got {config.muon_ns_steps}'),
-      (config.schedule in optimizer.SCHEDULES, f'schedule must be one of {optimizer.SCHEDULES}, got '
-                                     f'{config.schedule!r}'),
+      (config.schedule in optimizer.SCHEDULES,
+       f'schedule must be one of {optimizer.SCHEDULES}, got {config.schedule!r}'),
       (0 <= config.warmup_epochs < config.num_epochs,
        f'warmup_epochs must be in [0, num_epochs), got {config.warmup_epochs}'),
       (0 <= config.label_smoothing < 1,
@@ -493,7 +498,18 @@ def _compile_ahead(config, learning_rate_fn, steps_per_epoch: int, abstract_stat
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
   with exclusive_workdir(workdir):
-    return _train_and_evaluate(config, workdir)
+    try:
+      return _train_and_evaluate(config, workdir)
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      # The checkpoints' own writes fail as CheckpointWriteError; this is every other write.
+      raise DiskFullError(f'{e}; {checkpointing.resume_hint(_checkpoint_dir(workdir))}, once '
+                          'space is freed') from e
+
+
+def _checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -527,8 +543,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   rng = jax.random.PRNGKey(config.seed)
 
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'),
-                                       config.keep_checkpoints)
+  manager = checkpointing.make_manager(_checkpoint_dir(workdir), config.keep_checkpoints)
   run_meta = {'dataset': config.dataset, 'train_split': config.train_split,
               'batch_size': config.batch_size, 'seed': config.seed,
               'num_train_examples': len(train_reader), 'steps_per_epoch': steps_per_epoch}
@@ -668,8 +683,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         break
   if progress is not None:
     progress.close()
-  manager.wait_until_finished()
-  manager.close()
+  checkpointing.finish(manager)
   if start_step == total_steps:
     logging.info('Training already finished at step %d.', total_steps)
     writer.write({'kind': 'final', 'step': total_steps, **evaluate(

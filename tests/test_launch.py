@@ -95,6 +95,26 @@ def _final_params(workdir):
       os.path.join(workdir, 'checkpoints', str(step), 'state'))
   return step, state
 
+# Fills the workdir's disk once the checkpoint of step FILL_AT_STEP is on it, so that a later
+# write, whichever comes first (metrics, events, the next checkpoint), finds no space.
+_FILLING_LAUNCHER = _HEADER + '''
+from hybrid_flax import checkpointing
+_save = checkpointing.save
+def save(manager, state, meta):
+  out = _save(manager, state, meta)
+  if meta['step'] == int(os.environ['FILL_AT_STEP']):
+    manager.wait_until_finished()
+    with open(os.environ['FILLER'], 'wb') as f:
+      try:
+        while True:
+          f.write(bytes(1 << 16))
+          f.flush()
+      except OSError:
+        pass
+  return out
+checkpointing.save = save
+''' + _RUN_LAUNCH
+
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory, tiny_data_dir):
@@ -294,6 +314,44 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resume_continues(
   assert resumed.returncode == 0 and 'Resumed from step 3' in resumed.stderr
   (_, ref), (_, got) = _final_params(reference_run[0]), _final_params(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, got['params'], ref['params'])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 16 MiB tmpfs to fill; skipped where this user cannot mount one (not root, a container
+  without the capability)."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  try:
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', str(disk)],
+                             capture_output=True, text=True, timeout=30, check=False)
+  except OSError as e:  # no mount command
+    pytest.skip(f'cannot mount a tmpfs to fill: {e}')
+  if mounted.returncode:
+    pytest.skip(f'cannot mount a tmpfs to fill: {mounted.stderr.strip()}')
+  yield disk
+  subprocess.run(['umount', '-l', str(disk)], timeout=30, check=False)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_continues_it(reference_run,
+                                                                       tiny_data_dir, small_disk):
+  fill_at = 4  # a checkpoint step: the tiny config checkpoints every 2 steps
+  workdir, filler = small_disk / 'run', small_disk / 'filler'
+  full = _launch(workdir, tiny_data_dir, launcher=_FILLING_LAUNCHER.format(repo=REPO),
+                 env={'FILL_AT_STEP': str(fill_at), 'FILLER': str(filler)})
+  assert full.returncode == 1, full.stderr[-4000:]
+  # Orbax logs its threads' tracebacks; the run's own verdict is one line.
+  errors = [line for line in full.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, full.stderr[-4000:]
+  assert 'No space left on device' in errors[0], errors[0]
+  assert f'rerun the same command to resume from step {fill_at},' in errors[0], errors[0]
+  filler.unlink()
+  resumed = _launch(workdir, tiny_data_dir)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f'Resumed from step {fill_at} ' in resumed.stderr
+  (ref_step, ref), (step, got) = _final_params(reference_run[0]), _final_params(workdir)
+  assert step == ref_step == TOTAL_STEPS
+  jax.tree.map(np.testing.assert_array_equal, got, ref)  # the whole state, bit for bit
 
 
 def test_diverging_loss_stops_naming_the_step_and_keeps_good_checkpoints(tiny_data_dir,

@@ -1,5 +1,6 @@
 """The train step, sharding, optimizer, config checks and checkpoint round trips."""
 
+import errno
 import functools
 import os
 import shutil
@@ -259,10 +260,10 @@ def _abstract(state):
                       state)
 
 
-@pytest.mark.parametrize('optimizer', ['sgd', 'muon'])
-def test_checkpoint_round_trip(tmp_path, optimizer):
+@pytest.mark.parametrize('name', optimizer.OPTIMIZERS)
+def test_checkpoint_round_trip(tmp_path, name):
   config = cifar_tiny.get_config()
-  config.optimizer = optimizer  # Muon's state is a partition of two optimizers' states
+  config.optimizer = name  # Muon's state is a partition of two optimizers' states
   state = _trained_state(config=config)
   manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2)
   assert checkpointing.save(manager, state, {'step': 2, 'note': 'x'})
@@ -335,6 +336,57 @@ def test_a_replicated_state_is_saved_whole_and_sliced_checkpoints_still_restore(
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), jax.device_get(state),
                         jax.device_get(restored))
     assert all(jax.tree.leaves(same)), directory
+
+
+def test_a_failed_checkpoint_write_names_the_checkpoints_left_to_resume_from(tmp_path,
+                                                                            monkeypatch):
+  state = _trained_state()
+  step = int(state.step)
+  manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=3)
+  assert checkpointing.save(manager, state, {'step': step})
+  manager.wait_until_finished()
+  # TensorStore's message on a full disk: the file first, a long path, the cause last.
+  cause = ('RESOURCE_EXHAUSTED: Error writing local file "/runs/' + 'x' * 400 +
+           '/_sharding": No space left on device [os_error_code=\'28\']')
+
+  def fail(*args, **kwargs):
+    raise ValueError(cause)
+
+  monkeypatch.setattr(manager, 'save', fail)
+  with pytest.raises(checkpointing.CheckpointWriteError) as error:
+    checkpointing.save(manager, state.replace(step=state.step + 1), {'step': step + 1})
+  message = str(error.value)
+  assert message.startswith(f'could not write a checkpoint in {tmp_path / "ckpt"} (ValueError: '
+                            'RESOURCE_EXHAUSTED: Error writing local file')
+  assert 'No space left on device' in message and len(message) < 600  # both ends, not all
+  assert (f'(steps [{step}]) are intact: rerun the same command to resume from step {step}'
+          in message)
+  # A write that failed in the background surfaces when the run waits for it.
+  monkeypatch.setattr(manager, 'wait_until_finished', fail)
+  with pytest.raises(checkpointing.CheckpointWriteError, match=f'resume from step {step},'):
+    checkpointing.finish(manager)
+  empty = checkpointing.make_manager(str(tmp_path / 'empty'), keep=3)
+  monkeypatch.setattr(empty, 'save', fail)
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match='no checkpoint was written before it: rerun the same command to start'):
+    checkpointing.save(empty, state, {'step': step})
+
+
+def test_a_full_disk_elsewhere_in_the_workdir_is_one_clear_error(tmp_path, monkeypatch):
+  def full(config, workdir):
+    raise OSError(errno.ENOSPC, 'No space left on device', os.path.join(workdir, 'metrics.jsonl'))
+
+  monkeypatch.setattr(train, '_train_and_evaluate', full)
+  with pytest.raises(train.DiskFullError, match=r"No space left on device: '.*metrics\.jsonl'; no "
+                                                'checkpoint was written before it'):
+    train.train_and_evaluate(cifar_tiny.get_config(), str(tmp_path))
+
+  def denied(config, workdir):
+    raise PermissionError(errno.EACCES, 'Permission denied')
+
+  monkeypatch.setattr(train, '_train_and_evaluate', denied)
+  with pytest.raises(PermissionError):  # other OS errors keep their type and traceback
+    train.train_and_evaluate(cifar_tiny.get_config(), str(tmp_path))
 
 
 def test_empty_checkpoint_dir_restores_nothing(tmp_path):
