@@ -30,6 +30,7 @@ from hybrid_flax import optimizer
 from hybrid_flax import profiling
 from hybrid_flax import xla_cpu_flags
 
+
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array  # base key; each step's dropout and augment keys come from fold_in(rng, step)
