@@ -18,9 +18,10 @@ and the seconds from its command's start to the log line of the first epoch at o
 (issue 4's target: under 30 s); then once more with XLA's GPU autotuning off
 (`--xla_gpu_autotune_level=0`), which may shorten the cold start's compilation, where the budget
 leaves two waves' time after it. Then wave 1 tries Muon on the conv kernels (at CPU scale it
-gave +0.8 points over SGD), airbench's alternating flip with shifted test views, and the CPU-scale config's whole recipe at paper width
-(91.58% in float32 on a CPU, against this config's 90.13%: README, Results); wave 2 builds on
-wave 1's best; wave 3 reruns the overall best with two more seeds.
+gave +0.8 points over SGD), airbench's alternating flip with shifted test views, and the
+CPU-scale config's whole recipe at paper width (91.58% in float32 on a CPU, against this
+config's 90.13%: README, Results); wave 2 builds on wave 1's best; wave 3 reruns the overall
+best with two more seeds.
 A wave starts only while the budget has room for it; `summary.json` and each run's
 `metrics.jsonl` land in --out as each wave ends, so a call cut short keeps what finished.
 """
