@@ -104,6 +104,12 @@ def _write_failed(manager: ocp.CheckpointManager, error: Exception) -> Checkpoin
       'permissions) is fixed')
 
 
+# What a failed write raises: TensorStore's errors come as ValueError (RESOURCE_EXHAUSTED: ...),
+# Orbax's metadata writes' as OSError, its background threads' as RuntimeError. Anything else
+# (a TypeError, say) is a bug, and keeps its traceback.
+_WRITE_ERRORS = (OSError, ValueError, RuntimeError)
+
+
 def save(manager: ocp.CheckpointManager, state, meta: dict) -> bool:
   """Starts writing `state` at its step (the disk write continues in the background).
 
@@ -116,7 +122,7 @@ def save(manager: ocp.CheckpointManager, state, meta: dict) -> bool:
     return manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)),
                                       meta=ocp.args.JsonSave(meta)))
-  except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many types
+  except _WRITE_ERRORS as e:
     raise _write_failed(manager, e) from e
 
 
@@ -125,7 +131,7 @@ def finish(manager: ocp.CheckpointManager) -> None:
   one failed."""
   try:
     manager.wait_until_finished()
-  except Exception as e:  # pylint: disable=broad-except  # as in save
+  except _WRITE_ERRORS as e:
     raise _write_failed(manager, e) from e
   manager.close()
 
