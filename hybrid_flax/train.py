@@ -675,6 +675,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
                                  progress=progress is not None))
           record['eval_seconds'] = time.time() - eval_start
         writer.write(record)
+        if is_main and epoch_start_step < step < total_steps:
+          # A run in the background has no progress bar: its log says when it will end. (No
+          # pace where the epoch's only step was a resumed launch's first, timed apart.)
+          logging.info('%s', _time_left(epoch, config.num_epochs, total_steps - step,
+                                        seconds / (step - epoch_start_step), step < early_steps))
         # The epoch record consumed the pending steps; evaluation time is not training time.
         epoch_start_time, epoch_start_step = time.time(), step
         last_log_time, last_log_step = time.time(), step
@@ -695,6 +700,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
                'any, it did not need or read from the split cache).', jax.process_index(),
                train_reader.num_read, len(train_reader), test_reader.num_read, len(test_reader))
   return state
+
+
+def _time_left(epoch: int, num_epochs: int, steps_left: int, seconds_per_step: float,
+               early: bool) -> str:
+  left = int(round(steps_left * seconds_per_step))
+  hours, minutes, seconds = left // 3600, left // 60 % 60, left % 60
+  took = (f'{hours}h {minutes:02d}m' if hours else f'{minutes}m {seconds:02d}s' if minutes else
+          f'{seconds}s')
+  more = '; the full-size steps after the early crops cost more' if early else ''
+  return (f'Epoch {epoch} of {num_epochs} done; at its pace the remaining {steps_left} steps take '
+          f'~{took} (evaluations not counted{more}).')
 
 
 def _progress(config, is_main, total_steps, start_step, steps_per_epoch):

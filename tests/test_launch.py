@@ -138,6 +138,10 @@ def test_launch_trains_evaluates_and_checkpoints(reference_run):
   steps = sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())
   assert steps[-1] == TOTAL_STEPS and len(steps) == 3  # keep_checkpoints
   assert 'No checkpoint' in proc.stderr
+  # The time left, after every epoch but the last (a background run's log has no progress bar).
+  left = re.findall(r'Epoch (\d) of 3 done; at its pace the remaining (\d+) steps take ~\d+s',
+                    proc.stderr)
+  assert left == [(str(e), str(TOTAL_STEPS - e * STEPS_PER_EPOCH)) for e in (1, 2)], left
   assert 'host CPU: ' in proc.stderr  # wall times in the log need the CPU beside them
   assert 'tensorflow imported: False' in proc.stderr
   # conftest's shared cache, given as --jax_compilation_cache_dir's variable, stays the cache.

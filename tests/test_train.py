@@ -389,6 +389,15 @@ def test_a_full_disk_elsewhere_in_the_workdir_is_one_clear_error(tmp_path, monke
     train.train_and_evaluate(cifar_tiny.get_config(), str(tmp_path))
 
 
+def test_time_left_reads_in_hours_minutes_or_seconds():
+  time_left = train._time_left  # pylint: disable=protected-access
+  assert time_left(3, 12, 1770, 5.6, True) == (
+      'Epoch 3 of 12 done; at its pace the remaining 1770 steps take ~2h 45m (evaluations not '
+      'counted; the full-size steps after the early crops cost more).')
+  assert '~2m 56s (evaluations not counted).' in time_left(11, 12, 195, 0.9, False)
+  assert '~4s (' in time_left(1, 3, 10, 0.4, False)
+
+
 def test_empty_checkpoint_dir_restores_nothing(tmp_path):
   manager = checkpointing.make_manager(str(tmp_path / 'ckpt'), keep=2)
   assert checkpointing.restore_latest(manager, _abstract(_trained_state(0))) == (None, None)
