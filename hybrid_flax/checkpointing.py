@@ -26,6 +26,17 @@ def _save_replicated_arrays_whole() -> None:
     handler._use_replica_parallel = False  # pylint: disable=protected-access
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run in `workdir` keeps its checkpoints."""
+  return os.path.join(workdir, 'checkpoints')
+
+
+def steps_on_disk(directory: str) -> list[int]:
+  """The complete checkpoints in `directory`, oldest first: Orbax's temporary folders of writes
+  in progress (or killed) are not among them."""
+  return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+
+
 def _absolute(directory: str) -> str:
   # Orbax's array writer (TensorStore's OCDBT spec) refuses a relative path, and only when the
   # first save commits, so a run given `--workdir runs/x` trained to its first checkpoint and died.
@@ -90,7 +101,7 @@ def resume_hint(directory: str) -> str:
   """What a failed write leaves to resume from: the complete checkpoints in `directory`."""
   # From the disk, not a manager's list, which already counts a step it failed to write. Orbax
   # removes a failed write's temporary folder when that step is saved again.
-  intact = sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+  intact = steps_on_disk(directory)
   if not intact:
     return 'no checkpoint was written before it: rerun the same command to start again'
   return (f'the checkpoints on disk (steps {intact}) are intact: rerun the same command to '

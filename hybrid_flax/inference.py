@@ -68,7 +68,7 @@ def cli(main):
 
 def load_run(workdir: str) -> Run:
   config_path = os.path.join(workdir, 'config.json')
-  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  checkpoint_dir = checkpointing.checkpoint_dir(workdir)
   if not os.path.isfile(config_path) or not os.path.isdir(checkpoint_dir):
     raise RunNotFoundError(f'{workdir} holds no training run (no config.json or checkpoints/): '
                            'pass the --workdir of a launch.py run')

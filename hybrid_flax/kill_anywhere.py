@@ -23,9 +23,12 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
+
+from hybrid_flax import checkpointing
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Base folder for the runs and their logs.',
                                required=True)
@@ -46,16 +49,13 @@ _TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:
-  try:
-    return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  except FileNotFoundError:
-    return []
+  return checkpointing.steps_on_disk(checkpointing.checkpoint_dir(workdir))
 
 
 def _writes_in_progress(workdir: str) -> set[tuple[str, int]]:
   """Orbax's temporary checkpoint folders, by identity: a killed write leaves a stale one behind
   that the next start removes and may recreate under the same name."""
-  folder = os.path.join(workdir, 'checkpoints')
+  folder = checkpointing.checkpoint_dir(workdir)
   found = set()
   try:
     for entry in os.scandir(folder):
@@ -130,10 +130,9 @@ def run_with_kills(launch_args, workdir, logs_dir, kills, max_delay, max_writes,
 
 
 def final_state(workdir: str):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   step = _checkpoint_steps(workdir)[-1]
   return step, ocp.StandardCheckpointer().restore(  # Orbax reads absolute paths only
-      os.path.abspath(os.path.join(workdir, 'checkpoints', str(step), 'state')))
+      os.path.abspath(os.path.join(checkpointing.checkpoint_dir(workdir), str(step), 'state')))
 
 
 def compare(reference: str, killed: str) -> list[str]:

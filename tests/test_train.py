@@ -372,6 +372,20 @@ def test_a_failed_checkpoint_write_names_the_checkpoints_left_to_resume_from(tmp
     checkpointing.save(empty, state, {'step': step})
 
 
+def test_steps_on_disk_are_the_complete_checkpoints_only(tmp_path):
+  directory = checkpointing.checkpoint_dir(str(tmp_path))
+  assert checkpointing.steps_on_disk(directory) == []  # no folder yet
+  state = _trained_state()
+  manager = checkpointing.make_manager(directory, keep=3)
+  for step in (int(state.step), int(state.step) + 10):
+    assert checkpointing.save(manager, state.replace(step=step), {'step': step})
+    manager.wait_until_finished()
+  # What a write killed mid-way leaves, and a stray file: neither is a step to resume from.
+  os.makedirs(os.path.join(directory, f'{int(state.step) + 20}.orbax-checkpoint-tmp-7'))
+  open(os.path.join(directory, 'notes.txt'), 'w').close()
+  assert checkpointing.steps_on_disk(directory) == [int(state.step), int(state.step) + 10]
+
+
 def test_a_full_disk_elsewhere_in_the_workdir_is_one_clear_error(tmp_path, monkeypatch):
   def full(config, workdir):
     raise OSError(errno.ENOSPC, 'No space left on device', os.path.join(workdir, 'metrics.jsonl'))
