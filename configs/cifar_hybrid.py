@@ -83,8 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   # device's share of the batch need no cross-device all-reduce (0: the whole batch)
   config.model.bn_group_size = 0
   # Initialisation switches of the fast trainers (airbench), off in the paper's setup: `whiten`
-  # starts conv1 as a frozen patch-whitening filter bank computed from training images; `dirac`
-  # starts the other convs as identities where their widths allow.
+  # starts conv1 as a frozen patch-whitening filter bank computed from training images (54
+  # channels at most; a wider conv1 learns the rest); `dirac` starts the other convs as
+  # identities where their widths allow.
   config.model.whiten = False
   config.model.dirac = False
   config.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (for GPUs/TPUs)

@@ -48,6 +48,13 @@ def dirac_init(base=nn.initializers.lecun_normal()):
 
 # The parameter that `model.whiten` sets from the data and then freezes.
 WHITENED_KERNEL = ('conv1', 'Conv_0', 'kernel')
+
+
+def whitened_width(model_config) -> int:
+  """How many of conv1's channels `model.whiten` fills with whitening filters: all of them up
+  to two per patch eigenvector (54); a wider conv1 (the paper's 64) gets its first 54 that way,
+  as a conv of their own, and learns the rest (`HybridNet.conv1_split`)."""
+  return min(model_config.widths[0], _MAX_WHITENED_WIDTH)
 _WHITENING_CHUNK = 256  # images
 
 
@@ -256,6 +263,9 @@ class ConvBlock(nn.Module):
   `bn_kernel`: batch norm, ReLU and pool as one C++ kernel where it covers the block
   (`fused_batch_norm`), each device of `mesh` likewise; the conv's bias goes into its
   statistics, not onto the maps.
+  `split` (0 < split < features): the conv as two, `Conv_0` for the first `split` output
+  channels and `Conv_1` for the rest, side by side: the same function and parameter count,
+  so that an optimizer can freeze one part and train the other.
   """
 
   features: int
@@ -269,23 +279,32 @@ class ConvBlock(nn.Module):
   winograd: bool = False
   bn_kernel: bool = False
   mesh: Any = None
+  split: int = 0
+
+  def _conv(self, layer, x):
+    init = dirac_init() if self.dirac else nn.initializers.lecun_normal()
+    conv = dict(kernel_size=(3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
+                dtype=self.dtype,
+                conv_general_dilated=conv_function(min(x.shape[1:3]), self.grad_barrier,
+                                                   self.onednn, self.mesh, self.winograd))
+    if not 0 < self.split < self.features:
+      return layer(features=self.features, name='Conv_0', **conv)(x)
+    parts = [layer(features=n, name=f'Conv_{i}', **conv)(x)
+             for i, n in enumerate((self.split, self.features - self.split))]
+    if isinstance(parts[0], tuple):  # (output, bias) pairs
+      return tuple(jnp.concatenate(p, axis=-1) for p in zip(*parts))
+    return jnp.concatenate(parts, axis=-1)
 
   @nn.compact
   def __call__(self, x, train: bool):
-    init = dirac_init() if self.dirac else nn.initializers.lecun_normal()
-    conv = dict(features=self.features, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
-                kernel_init=init, dtype=self.dtype,
-                conv_general_dilated=conv_function(min(x.shape[1:3]), self.grad_barrier,
-                                                   self.onednn, self.mesh, self.winograd),
-                name='Conv_0')
     # Named as nn.BatchNorm names itself, so the bias scaler and checkpoints find it either way.
     if self.bn_kernel and fused_batch_norm.covers(x.shape[:3] + (self.features,), self.pool,
                                                   self.bn_group_size):
-      x, shift = ConvReturningBias(use_bias=False, **conv)(x)
+      x, shift = self._conv(functools.partial(ConvReturningBias, use_bias=False), x)
       return fused_batch_norm.BatchNormRelu(self.pool, use_running_average=not train,
                                             momentum=self.bn_momentum, epsilon=_BN_EPSILON,
                                             mesh=self.mesh, name='BatchNorm_0')(x, shift)
-    x = nn.Conv(**conv)(x)
+    x = self._conv(nn.Conv, x)
     x = batch_norm(train, self.bn_group_size, self.bn_momentum, self.dtype, 'BatchNorm_0')(x)
     x = nn.relu(x)
     if self.pool:
@@ -543,6 +562,8 @@ class HybridNet(nn.Module):
   `model.attention_kernel`.
   `bn_kernel`: the conv blocks' batch norm, ReLU and pool as one C++ kernel
   (`fused_batch_norm`; `ConvBlock`); from `model.bn_kernel`.
+  `conv1_split`: conv1 as two convs side by side (`ConvBlock.split`); `create_model` sets it
+  where `model.whiten` has more channels than whitening filters to fill.
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -566,6 +587,7 @@ class HybridNet(nn.Module):
   winograd: bool = False
   attention_onednn: bool = False
   bn_kernel: bool = False
+  conv1_split: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -576,7 +598,8 @@ class HybridNet(nn.Module):
                       bn_group_size=self.bn_group_size, dirac=self.dirac and i > 0,
                       dtype=self.dtype, grad_barrier=self.conv_grad_barrier,
                       onednn=self.onednn, winograd=self.winograd, bn_kernel=self.bn_kernel,
-                      mesh=self.mesh, name=f'conv{i + 1}')(x, train)
+                      mesh=self.mesh, split=self.conv1_split if i == 0 else 0,
+                      name=f'conv{i + 1}')(x, train)
       if self.attention:
         x = AttentionBlock(self.num_heads, embed=self.embed, norm=self.attention_norm,
                            impl=self.attention_impl,
@@ -625,8 +648,8 @@ def validate_model_config(model_config) -> None:
                      f'got {model_config.bn_group_size}')
   if not 0.0 <= model_config.bn_momentum < 1.0:
     raise ValueError(f'model.bn_momentum must be in [0, 1), got {model_config.bn_momentum}')
-  if model_config.whiten and (widths[0] % 2 or widths[0] > _MAX_WHITENED_WIDTH):
-    raise ValueError(f'model.whiten needs an even first width of at most {_MAX_WHITENED_WIDTH} '
+  if model_config.whiten and widths[0] <= _MAX_WHITENED_WIDTH and widths[0] % 2:
+    raise ValueError(f'model.whiten needs an even first width up to {_MAX_WHITENED_WIDTH} '
                      f'(two channels per eigenvector of a 3x3x3 patch), got '
                      f'model.widths[0]={widths[0]}')
   if model_config.attention_grad_chunk_kib < 0:
@@ -669,4 +692,5 @@ def create_model(model_config, mesh=None) -> HybridNet:
           model_config.attention_kernel, DTYPES[model_config.dtype], 'attention_kernel'),
       bn_kernel=onednn_conv.use_onednn(model_config.bn_kernel, DTYPES[model_config.dtype],
                                        'bn_kernel'),
+      conv1_split=whitened_width(model_config) if model_config.whiten else 0,
   )

@@ -578,7 +578,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
       # Every process reads the same images, so all compute the same filters.
       first = train_reader.read(np.arange(min(WHITENING_IMAGES, len(train_reader))))['image']
       state = whiten_first_layer(state, first, replicated)
-      logging.info('conv1 whitens 3x3 patches, estimated from %d training images.', len(first))
+      whitened, width = models.whitened_width(config.model), config.model.widths[0]
+      logging.info('conv1 whitens 3x3 patches, estimated from %d training images%s.',
+                   len(first), '' if whitened == width else
+                   f' (its first {whitened} channels; the other {width - whitened} learn)')
   else:
     logging.info('Resumed from step %d (epoch %d, batch %d of %d).', int(state.step),
                  int(state.step) // steps_per_epoch, int(state.step) % steps_per_epoch,

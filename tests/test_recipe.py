@@ -376,6 +376,44 @@ def test_whitened_layer_is_frozen_and_batch_norm_offsets_move_faster():
       k.key for k in p) == models.WHITENED_KERNEL)]).sum()) > 0  # trained when not whitened
 
 
+@pytest.mark.parametrize('kernels', ['xla', 'auto'])
+def test_a_whitened_conv1_wider_than_its_filters_is_two_convs_of_which_one_learns(kernels):
+  config = cifar_tiny.get_config()
+  config.model.widths, config.grad_clip_norm = (64, 16, 16, 32), 0.0
+  # 'auto': oneDNN's convs and the fused batch-norm kernel where this CPU has them.
+  config.model.conv_impl = config.model.bn_kernel = kernels
+  x = jnp.asarray(_images(2), jnp.float32)
+  single = models.create_model(config.model)
+  variables = single.init(jax.random.PRNGKey(0), x)
+  config.model.whiten = True
+  split = models.create_model(config.model)
+  assert models.whitened_width(config.model) == split.conv1_split == 54
+  halves = split.init(jax.random.PRNGKey(0), x)
+  conv1 = halves['params']['conv1']
+  assert conv1['Conv_0']['kernel'].shape == (3, 3, 3, 54)
+  assert conv1['Conv_1']['kernel'].shape == (3, 3, 3, 10)
+  count = lambda v: sum(p.size for p in jax.tree.leaves(v['params']))
+  assert count(halves) == count(variables)  # the paper's parameters, split in two
+  # Side by side, the two convs are the single conv with their kernels and biases joined.
+  joined = {name: jnp.concatenate([conv1['Conv_0'][name], conv1['Conv_1'][name]], axis=-1)
+            for name in ('kernel', 'bias')}
+  params = {**halves['params'], 'conv1': {**conv1, 'Conv_0': joined}}
+  del params['conv1']['Conv_1']
+  for train_mode in (False, True):
+    got = split.apply(halves, x, train=train_mode, mutable=['batch_stats'])[0]
+    want = single.apply({**halves, 'params': params}, x, train=train_mode,
+                        mutable=['batch_stats'])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The filters stay where whitening put them; the other channels learn, under either optimizer.
+  grads = jax.tree.map(jnp.ones_like, halves['params'])
+  for name in optimizer.OPTIMIZERS:
+    config.optimizer = name
+    tx = optimizer.create_optimizer(config, optimizer.create_learning_rate_fn(config, 10))
+    updates, _ = tx.update(grads, tx.init(halves['params']), halves['params'])
+    assert not np.any(updates['conv1']['Conv_0']['kernel']), name
+    assert np.any(updates['conv1']['Conv_1']['kernel']), name
+
+
 def _muon_updates(**fields):
   """One update of the tiny model's parameters from random gradients, and its inputs."""
   config = cifar_tiny.get_config()
@@ -476,18 +514,22 @@ def test_translate_tta_averages_shifted_views_with_the_centred_one():
   assert not np.allclose(got, logits(images), atol=1e-4)
 
 
+@pytest.mark.parametrize('wide', [False, True], ids=['conv1_all_whitened', 'conv1_wider'])
 def test_airbench_switches_train_end_to_end_with_conv1_frozen_at_the_whitening_filters(
-    tiny_data_dir, tmp_path):
+    tiny_data_dir, tmp_path, wide):
+  # A conv1 wider than its 54 filters (the paper's 64), under Muon: the 10 others learn.
+  extra = ('--config.model.widths=(64,16,16,32)', '--config.optimizer=muon') if wide else ()
   proc = _launch(tmp_path, tiny_data_dir, '--config.model.whiten=True', '--config.model.dirac=True',
                  '--config.bn_bias_lr_scale=8', '--config.eval_translate=1',
-                 '--config.ema_decay=0.9')
+                 '--config.ema_decay=0.9', *extra)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  assert 'conv1 whitens 3x3 patches, estimated from 80 training images' in proc.stderr
+  assert ('conv1 whitens 3x3 patches, estimated from 80 training images'
+          + (' (its first 54 channels; the other 10 learn).' if wide else '.')) in proc.stderr
   step, state = _final_params(tmp_path)
   assert step == test_launch.TOTAL_STEPS
   images, _ = input_pipeline.load_split('cifar10_folder', 'train', str(tiny_data_dir))
   expected = models.whitening_kernel(np.asarray(train.preprocess(images)),
-                                     cifar_tiny.get_config().model.widths[0])
+                                     54 if wide else cifar_tiny.get_config().model.widths[0])
   for variables in (state['params'], state['ema']['params']):
     np.testing.assert_allclose(variables['conv1']['Conv_0']['kernel'], expected, rtol=1e-6,
                                atol=1e-7)
