@@ -48,13 +48,6 @@ def dirac_init(base=nn.initializers.lecun_normal()):
 
 # The parameter that `model.whiten` sets from the data and then freezes.
 WHITENED_KERNEL = ('conv1', 'Conv_0', 'kernel')
-
-
-def whitened_width(model_config) -> int:
-  """How many of conv1's channels `model.whiten` fills with whitening filters: all of them up
-  to two per patch eigenvector (54); a wider conv1 (the paper's 64) gets its first 54 that way,
-  as a conv of their own, and learns the rest (`HybridNet.conv1_split`)."""
-  return min(model_config.widths[0], _MAX_WHITENED_WIDTH)
 _WHITENING_CHUNK = 256  # images
 
 
@@ -92,6 +85,13 @@ def whitening_kernel(images: np.ndarray, features: int, size: int = 3,
   filters = eigenvectors[:, top] / np.sqrt(eigenvalues[top] + eps)
   kernel = np.concatenate([filters, -filters], axis=1)
   return kernel.reshape(size, size, c, features).astype(np.float32)
+
+
+def whitened_width(model_config) -> int:
+  """How many of conv1's channels `model.whiten` fills with whitening filters: all of them up
+  to two per patch eigenvector (54); a wider conv1 (the paper's 64) gets its first 54 that way,
+  as a conv of their own, and learns the rest (`HybridNet.conv1_split`)."""
+  return min(model_config.widths[0], _MAX_WHITENED_WIDTH)
 
 
 def _pool_windows(x):

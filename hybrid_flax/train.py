@@ -505,8 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         raise
       # The checkpoints' own writes fail as CheckpointWriteError; this is every other write.
-      raise DiskFullError(f'{e}; {checkpointing.resume_hint(checkpointing.checkpoint_dir(workdir))}, once '
-                          'space is freed') from e
+      hint = checkpointing.resume_hint(checkpointing.checkpoint_dir(workdir))
+      raise DiskFullError(f'{e}; {hint}, once space is freed') from e
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -540,7 +540,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
   rng = jax.random.PRNGKey(config.seed)
 
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config.keep_checkpoints)
+  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir),
+                                       config.keep_checkpoints)
   run_meta = {'dataset': config.dataset, 'train_split': config.train_split,
               'batch_size': config.batch_size, 'seed': config.seed,
               'num_train_examples': len(train_reader), 'steps_per_epoch': steps_per_epoch}
