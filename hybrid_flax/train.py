@@ -678,8 +678,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Trai
         if is_main and epoch_start_step < step < total_steps:
           # A run in the background has no progress bar: its log says when it will end. (No
           # pace where the epoch's only step was a resumed launch's first, timed apart.)
+          # An epoch on the early crops (the last of them included) understates the rest.
           logging.info('%s', _time_left(epoch, config.num_epochs, total_steps - step,
-                                        seconds / (step - epoch_start_step), step < early_steps))
+                                        seconds / (step - epoch_start_step),
+                                        step <= early_steps < total_steps))
         # The epoch record consumed the pending steps; evaluation time is not training time.
         epoch_start_time, epoch_start_step = time.time(), step
         last_log_time, last_log_step = time.time(), step

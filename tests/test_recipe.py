@@ -1,6 +1,7 @@
 """The strong recipe's switches: each one does what it says, and off means the paper's step."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -550,6 +551,11 @@ def test_airbench_schedule_switches_train_end_to_end_the_same_on_both_pipelines(
     proc = _launch(workdir, tiny_data_dir, *switches, f'--config.data_on_device={on_device}')
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f'Step {test_launch.STEPS_PER_EPOCH + 1}: the early crops end' in proc.stderr
+    # The time left after the (only, so last) early epoch warns that its pace understates the
+    # full-size rest; after a full-size epoch there is nothing to warn of.
+    assert re.search(r'Epoch 1 of 3 done; .*; the full-size steps after the early crops cost '
+                     r'more\)\.', proc.stderr)
+    assert re.search(r'Epoch 2 of 3 done; .* \(evaluations not counted\)\.', proc.stderr)
     assert sorted(test_launch.compiled_ahead(proc)) == [
         'eval step', 'train step', 'train step on the early crops']
     step, state = _final_params(workdir)
