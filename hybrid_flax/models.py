@@ -563,7 +563,7 @@ class HybridNet(nn.Module):
   `bn_kernel`: the conv blocks' batch norm, ReLU and pool as one C++ kernel
   (`fused_batch_norm`; `ConvBlock`); from `model.bn_kernel`.
   `conv1_split`: conv1 as two convs side by side (`ConvBlock.split`); `create_model` sets it
-  where `model.whiten` has more channels than whitening filters to fill.
+  to `whitened_width` under `model.whiten`, which splits only a conv1 wider than its filters.
   """
 
   widths: Sequence[int] = (64, 128, 256, 512)
