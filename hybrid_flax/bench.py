@@ -11,7 +11,7 @@ timed on the configured data set from a cold start (every example read and decod
 the first epoch's cost) up to the device; it is skipped when the data set is not prepared.
 --torch also times the same network's training step in PyTorch (`torch_twin.py`, parameter
 count asserted equal) on the same batch size and prints the JAX / PyTorch ratio. A 2-core host's
-speed drifts by 10% and more within minutes, so `--rounds N` times the two training steps
+speed drifts by a tenth and more within minutes, so `--rounds N` times the two training steps
 alternately N times and reports the median and range of the per-round ratios.
 """
 

@@ -1,5 +1,6 @@
 """The docs point at files that exist, and CI runs the test command README.md gives."""
 
+import ast
 import pathlib
 import re
 
@@ -49,3 +50,22 @@ def test_layout_names_every_module_and_config():
   # Rows may group several files of one folder: `hybrid_flax/evaluate.py`, `predict.py`.
   unnamed = [str(p.relative_to(ROOT)) for p in files if f'{p.name}`' not in layout]
   assert not unnamed, f"README's Layout has no row for {unnamed}"
+
+
+# Scripts whose `--help` is absl's: it prints the module docstring with every '%s'-like '%' in
+# it replaced by the program's path ('10% and' printed "10'/path/bench.py'nd").
+_ABSL_MAINS = sorted(str(p.relative_to(ROOT)) for pattern in ('*.py', 'hybrid_flax/*.py',
+                                                              'docs/**/*.py')
+                     for p in ROOT.glob(pattern) if 'app.run(' in p.read_text())
+
+
+def test_absl_mains_are_found():
+  assert {'launch.py', 'hybrid_flax/bench.py'} <= set(_ABSL_MAINS), _ABSL_MAINS
+
+
+@pytest.mark.parametrize('script', _ABSL_MAINS)
+def test_help_prints_the_docstring_as_written(script):
+  doc = ast.get_docstring(ast.parse((ROOT / script).read_text()), clean=False) or ''
+  lone = [line for line in doc.splitlines() if '%' in line.replace('%%', '')]
+  assert not lone, (f"{script}: absl's --help would put the program's path in place of the "
+                    f"'%' in {lone}; write it out ('per cent') or as '%%'")

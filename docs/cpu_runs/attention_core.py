@@ -5,7 +5,7 @@ r"""Each attention block alone: the C++ kernel against XLA, for the core and for
 
 `model.attention_kernel` moves two things off XLA at once: the core softmax(q k^T / sqrt(d)) v
 (`onednn_attention`) and the block's dense layers (`onednn_dense`). A whole-step A/B cannot say
-which of them gains or loses, and on a 2-core host it drifts by 10% or more within minutes. This
+which of them gains or loses, and on a 2-core host it drifts by a tenth or more within minutes. This
 times, for each attention block of the config at its batch size (split over every device, as the
 training step does): the core's forward, the core's forward and backward (on the q, k, v
 layout the kernel takes; XLA's is `models.xla_attention_core`, as the model runs it),

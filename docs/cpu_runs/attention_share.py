@@ -6,7 +6,7 @@ r"""What the attention blocks cost each framework: JAX and PyTorch, with and wit
 Each round times four training steps one after another, JAX then PyTorch, for the config and for
 the same config with `model.attention=False`, through `hybrid_flax.bench`'s own timing functions
 (so the same batch, warm-up and parameter-count check as `bench --torch`). A 2-core host drifts
-by 10% within minutes, so the four are compared round by round and the medians of the ratios
+by a tenth within minutes, so the four are compared round by round and the medians of the ratios
 printed: whether JAX loses to PyTorch in the attention blocks or in the convolutional trunk, and
 how fast JAX would be against PyTorch's whole model if its attention cost nothing.
 """

@@ -12,7 +12,7 @@ where `model.conv_winograd` and `onednn_conv.winograd_covers` say so); else on C
 keep out of the copies, the barrier only costs its loop). PyTorch runs `F.conv2d`, NCHW,
 on its default threads, as `hybrid_flax/torch_twin.py` does. Neither adds the conv's bias. Both
 run in this one process, under the huge-page malloc that `bench` gives both frameworks too
-(PyTorch's convolutions ran up to ~25% slower without it). A round times every layer in JAX,
+(PyTorch's convolutions ran up to a quarter slower without it). A round times every layer in JAX,
 then in PyTorch; the medians over the rounds are printed.
 """
 
